@@ -1,0 +1,220 @@
+"""The ANP mask optimisation, faithful to the reference code by default (see docs/ANP_SPEC).
+
+One iteration per batch: re-draw the neuron noise in [-eps, eps]; ``steps`` signed-gradient ascent
+steps on the noise; one SGD step on the masks for
+``alpha * CE(clean) + (1 - alpha) * CE(perturbed)``; clamp masks to [0, 1]. Everything but the masks
+and the noise stays frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageSet, augment_batch, default_crop_padding
+from .errors import SettingsError
+from .neurons import PerturbedModule
+from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
+
+_LOGGER = logging.getLogger(__name__)
+BN_MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class ANPConfig:
+    """ANP hyper-parameters; the defaults are the reference code's."""
+
+    eps: float = 0.4
+    steps: int = 1
+    alpha: float = 0.2
+    mask_lr: float = 0.2
+    momentum: float = 0.9
+    iterations: int = 2000
+    batch_size: int = 128
+    bn_mode: str = "train"
+    augment: bool = True
+    crop_padding: Optional[int] = None
+    project_noise: bool = False
+    seed: int = 0
+    device: str = "auto"
+    snapshot_every: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.eps < 0:
+            problems.append("eps must be >= 0")
+        if self.steps < 1:
+            problems.append("steps must be >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            problems.append("alpha must be in [0, 1]")
+        if self.mask_lr <= 0:
+            problems.append("mask_lr must be > 0")
+        if not 0.0 <= self.momentum < 1.0:
+            problems.append("momentum must be in [0, 1)")
+        if self.iterations < 1:
+            problems.append("iterations must be >= 1")
+        if self.batch_size < 2:
+            problems.append("batch_size must be >= 2")
+        if self.bn_mode not in BN_MODES:
+            problems.append(f"bn_mode must be one of {', '.join(BN_MODES)}")
+        if self.crop_padding is not None and self.crop_padding < 0:
+            problems.append("crop_padding must be >= 0")
+        if self.snapshot_every < 0:
+            problems.append("snapshot_every must be >= 0")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            problems.append("device must be auto, cpu or cuda[:N]")
+        if problems:
+            raise SettingsError("invalid ANP settings: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError("device cuda was asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    return device
+
+
+@dataclass
+class MaskResult:
+    """Masks per layer (values in [0, 1]) and the optimisation's history."""
+
+    masks: dict[str, np.ndarray]
+    iterations: int
+    seconds: float
+    device: str
+    history: dict[str, list[float]] = field(default_factory=dict)
+    snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled mini-batches of indices, one epoch after another (no batch of size 1)."""
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        chunks = list(torch.split(perm, batch_size))
+        if len(chunks) > 1 and len(chunks[-1]) < 2:
+            chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        yield from chunks
+
+
+def _set_noise(modules: list[PerturbedModule], on: bool) -> None:
+    for m in modules:
+        m.perturbed = on
+
+
+def optimize_masks(
+    net: nn.Module,
+    neurons: dict[str, PerturbedModule],
+    data: ImageSet,
+    config: ANPConfig = ANPConfig(),
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    progress_every: int = 10,
+) -> MaskResult:
+    """Run ANP on ``net`` whose perturbable ``neurons`` are installed; return the learnt masks.
+
+    ``data`` is the clean set (images in [0, 1]). A fixed ``config.seed`` gives identical masks on
+    the same device. Masks are left in the modules when this returns (or raises Cancelled).
+    """
+    if len(data) < 2:
+        raise SettingsError("ANP needs at least 2 clean images")
+    device = resolve_device(config.device)
+    modules = list(neurons.values())
+    if not modules:
+        raise SettingsError("no neurons to optimise")
+    gen = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    net.to(device).eval()
+    for m in modules:
+        m.batch_stats = config.bn_mode == "train"
+        with torch.no_grad():
+            m.neuron_mask.fill_(1.0)
+        m.reset_noise(0.0)
+    x_all = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(device)
+    y_all = torch.from_numpy(data.y.astype(np.int64)).to(device)
+    padding = config.crop_padding if config.crop_padding is not None else default_crop_padding(*data.x.shape[2:])
+    mask_params = [m.neuron_mask for m in modules]
+    noise_params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
+    mask_opt = torch.optim.SGD(mask_params, lr=config.mask_lr, momentum=config.momentum)
+    noise_opt = torch.optim.SGD(noise_params, lr=config.eps / config.steps if config.eps > 0 else 0.0)
+    history: dict[str, list[float]] = {"loss_nat": [], "loss_rob": [], "acc_nat": []}
+    snapshots: list[tuple[int, dict[str, np.ndarray]]] = []
+    batches = _batches(len(data), min(config.batch_size, len(data)), gen)
+    start = time.perf_counter()
+    _LOGGER.info("ANP: %d neurons in %d layers, %d images, %d iterations on %s",
+                 sum(m.neuron_mask.numel() for m in modules), len(modules), len(data), config.iterations, device)
+    try:
+        for it in range(1, config.iterations + 1):
+            check(cancel)
+            idx = next(batches).to(device)
+            x, y = x_all[idx], y_all[idx]
+            if config.augment:
+                x = augment_batch(x, gen, padding=padding, flip=True)
+            loss_rob_value = 0.0
+            if config.eps > 0:
+                for m in modules:
+                    m.reset_noise(config.eps, gen)
+                _set_noise(modules, True)
+                for _ in range(config.steps):
+                    noise_opt.zero_grad(set_to_none=True)
+                    (-F.cross_entropy(net(x), y)).backward()
+                    for p in noise_params:
+                        if p.grad is not None:
+                            p.grad.sign_()
+                    noise_opt.step()
+                    if config.project_noise:
+                        for m in modules:
+                            m.project_noise(config.eps)
+            mask_opt.zero_grad(set_to_none=True)
+            if config.eps > 0:
+                _set_noise(modules, True)
+                loss_rob = F.cross_entropy(net(x), y)
+                loss_rob_value = float(loss_rob.detach())
+            else:
+                loss_rob = torch.zeros((), device=device)
+            _set_noise(modules, False)
+            logits = net(x)
+            loss_nat = F.cross_entropy(logits, y)
+            loss = config.alpha * loss_nat + (1 - config.alpha) * loss_rob
+            loss.backward()
+            mask_opt.step()
+            for m in modules:
+                m.clip_mask()
+            history["loss_nat"].append(float(loss_nat.detach()))
+            history["loss_rob"].append(loss_rob_value)
+            history["acc_nat"].append(float((logits.detach().argmax(1) == y).float().mean()))
+            if config.snapshot_every and (it % config.snapshot_every == 0 or it == config.iterations):
+                snapshots.append((it, current_masks(neurons)))
+            if progress is not None and (it % progress_every == 0 or it == 1 or it == config.iterations):
+                k = min(progress_every, it)
+                emit(progress, ProgressEvent(
+                    "optimise", it, config.iterations,
+                    metrics={
+                        "loss_nat": float(np.mean(history["loss_nat"][-k:])),
+                        "loss_rob": float(np.mean(history["loss_rob"][-k:])),
+                        "acc_nat": float(np.mean(history["acc_nat"][-k:])),
+                    },
+                    payload={"masks": current_masks(neurons)},
+                ))
+    finally:
+        _set_noise(modules, False)
+        for m in modules:
+            m.reset_noise(0.0)
+            m.batch_stats = False
+    seconds = time.perf_counter() - start
+    return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, snapshots)
+
+
+def current_masks(neurons: dict[str, PerturbedModule]) -> dict[str, np.ndarray]:
+    return {name: m.neuron_mask.detach().float().cpu().numpy().copy() for name, m in neurons.items()}

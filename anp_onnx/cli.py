@@ -1,0 +1,304 @@
+"""Command line: ``anp-onnx inspect | repair | prune | evaluate``.
+
+:func:`main` takes an argument list and returns the exit code (0 success, 1 error), so it is tested
+directly. Errors caused by the user's input print one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from . import __version__
+from .anp import ANPConfig
+from .api import ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
+from .data import PRESETS, Preprocessing
+from .errors import AnpOnnxError, Cancelled
+from .evaluate import EvalResult
+from .progress import ProgressEvent
+from .prune import PrunePlan, PruneSpec
+
+PROG = "anp-onnx"
+_LOGGER = logging.getLogger("anp_onnx")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 1."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], help="image layout of the input (default: guessed)")
+    p.add_argument("--preprocess", type=Preprocessing.parse, default=None, metavar="SPEC",
+                   help=f"input preprocessing: a preset ({', '.join(PRESETS)}) or "
+                        "'mean=R,G,B;std=R,G,B;scale=S' (default: from the model's anp-onnx metadata, else unit: "
+                        "pixels in [0,1])")
+
+
+def _neuron_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layers", nargs="+", metavar="PATTERN", help="only neuron layers whose name matches (glob)")
+    p.add_argument("--exclude-layers", nargs="+", metavar="PATTERN", help="skip neuron layers whose name matches")
+
+
+def _pruning_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning (one of; default --threshold 0.2)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--threshold", type=float, help="prune every neuron with mask <= T")
+    x.add_argument("--count", type=int, help="prune the K neurons with the lowest masks")
+    x.add_argument("--fraction", type=float, help="prune this fraction of all neurons, lowest masks first")
+
+
+def _anp_options(p: argparse.ArgumentParser) -> None:
+    d = ANPConfig()
+    g = p.add_argument_group("ANP optimisation (defaults: the reference code's)")
+    g.add_argument("--iterations", type=int, default=d.iterations, help="optimisation iterations (one batch each)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
+    g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation budget")
+    g.add_argument("--steps", type=int, default=d.steps, help="perturbation steps per iteration")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the clean loss (1-alpha: perturbed)")
+    g.add_argument("--mask-lr", type=float, default=d.mask_lr, help="SGD learning rate of the masks")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of the masks")
+    g.add_argument("--bn-mode", choices=["train", "eval"], default=d.bn_mode,
+                   help="normalise with batch statistics (train, as the reference) or running statistics")
+    g.add_argument("--no-augment", action="store_true", help="no random crop and flip of the clean images")
+    g.add_argument("--crop-padding", type=int, default=None, help="random-crop padding in pixels (default: 4 at 32px)")
+    g.add_argument("--project-noise", action="store_true", help="clip the noise to [-eps, eps] after each step")
+    g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same masks)")
+    g.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Remove backdoors from ONNX image classifiers with "
+                                            "Adversarial Neuron Pruning (ANP).")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("inspect", help="describe a model: input, classes, neurons, conversion check",
+                       description="Describe a model and check that its torch conversion matches onnxruntime.")
+    _model_options(p)
+    _neuron_options(p)
+    p.add_argument("--data", help="images for the conversion check (default: random images)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("repair", help="learn ANP masks on clean data, prune, and write the repaired model",
+                       description="Learn ANP masks on clean data, prune the lowest, fold the pruning into a "
+                                   "copy of the ONNX model and verify it in onnxruntime.")
+    _model_options(p)
+    p.add_argument("--data", required=True, help="clean images: class folders or .npz (x, y)")
+    p.add_argument("--out", required=True, help="repaired model to write (never the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out (and the masks files) if they exist")
+    p.add_argument("--masks-out", help="masks JSON (default: OUT with .masks.json; a mask_values.txt goes beside)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="fraction (<1) or count of the clean data kept aside to measure accuracy (default 0)")
+    p.add_argument("--test", help="clean test images to measure accuracy before and after")
+    p.add_argument("--poisoned", help="triggered test images (true labels) to measure attack success rate")
+    p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
+    _neuron_options(p)
+    _anp_options(p)
+    _pruning_options(p)
+
+    p = sub.add_parser("prune", help="prune from saved masks (no new optimisation)",
+                       description="Prune a model from masks saved by 'repair' (or a reference mask_values.txt).")
+    _model_options(p)
+    p.add_argument("--masks", required=True, help="masks JSON or mask_values.txt")
+    p.add_argument("--out", required=True, help="pruned model to write (never the input)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--data", help="images for the onnxruntime verification (default: random images)")
+    _pruning_options(p)
+
+    p = sub.add_parser("evaluate", help="clean accuracy and attack success rate in onnxruntime",
+                       description="Measure clean accuracy and, with triggered images, attack success rate "
+                                   "(images whose true label is the target are excluded).")
+    _model_options(p)
+    p.add_argument("--data", help="clean test images (class folders or .npz)")
+    p.add_argument("--poisoned", help="triggered test images with their true labels")
+    p.add_argument("--target", type=int, help="target class (default: majority prediction on --poisoned)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _spec(args: argparse.Namespace) -> PruneSpec:
+    if args.count is not None:
+        return PruneSpec.count(args.count)
+    if args.fraction is not None:
+        return PruneSpec.fraction(args.fraction)
+    return PruneSpec.threshold(0.2 if args.threshold is None else args.threshold)
+
+
+def _config(args: argparse.Namespace) -> ANPConfig:
+    return ANPConfig(
+        eps=args.eps, steps=args.steps, alpha=args.alpha, mask_lr=args.mask_lr, momentum=args.momentum,
+        iterations=args.iterations, batch_size=args.batch_size, bn_mode=args.bn_mode, augment=not args.no_augment,
+        crop_padding=args.crop_padding, project_noise=args.project_noise, seed=args.seed, device=args.device,
+    )
+
+
+class _Bar:
+    """tqdm progress bar fed by the library's progress events."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled or event.stage != "optimise":
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc="ANP", unit="it", file=sys.stderr, dynamic_ncols=True)
+        self.bar.n = event.step
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in event.metrics.items()}, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _print_info(info: ModelInfo) -> None:
+    print(f"model      {info.path}")
+    print(f"producer   {info.producer or '-'}  (IR {info.ir_version}, opset {info.opset})")
+    print(f"input      {info.input.describe()}")
+    print(f"classes    {info.num_classes}")
+    print(f"neurons    {info.neurons.total} in {len(info.neurons.layers)} layers")
+    rows = [[layer.name, layer.kind, str(layer.size)] for layer in info.neurons.layers]
+    print(_table(rows, ["layer", "kind", "neurons"]))
+    if info.neurons.excluded:
+        print(f"excluded   {', '.join(info.neurons.excluded)}")
+    for note in info.notes:
+        print(f"note       {note}")
+    print(f"parity     max |torch - onnxruntime| = {info.parity:.2e}")
+
+
+def _pruned_table(plan: PrunePlan, sizes: dict[str, int]) -> str:
+    rows = [[name, str(n), str(sizes[name])] for name, n in plan.per_layer().items() if n]
+    rows.append(["total", str(plan.count), str(plan.total)])
+    return _table(rows, ["layer", "pruned", "neurons"])
+
+
+def _print_scores(before: Optional[EvalResult], after: Optional[EvalResult], label: str) -> None:
+    if before is None or after is None:
+        return
+    rows = []
+    if before.accuracy is not None:
+        rows.append([f"{label} accuracy", _pct(before.accuracy), _pct(after.accuracy)])
+    if before.asr is not None:
+        how = "inferred" if before.target_inferred else "given"
+        rows.append([f"attack success (target {before.target}, {how})", _pct(before.asr), _pct(after.asr)])
+    print(_table(rows, ["", "before", "after"]))
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    info = inspect_model(args.model, layout=args.layout, data=args.data, preprocessing=args.preprocess,
+                         include=args.layers, exclude=args.exclude_layers)
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
+    bar = _Bar(enabled=not args.quiet)
+    try:
+        result: RepairResult = repair(
+            args.model, args.data, out=args.out, config=_config(args), pruning=_spec(args),
+            preprocessing=args.preprocess, layout=args.layout, holdout=holdout, test_data=args.test,
+            poisoned_data=args.poisoned, target=args.target, masks_out=args.masks_out, overwrite=args.overwrite,
+            include=args.layers, exclude=args.exclude_layers, progress=bar,
+        )
+    finally:
+        bar.close()
+    sizes = {layer.name: layer.size for layer in result.layers}
+    print(f"\nPruned {result.plan.count} of {result.plan.total} neurons ({result.plan.spec.describe()}):")
+    print(_pruned_table(result.plan, sizes))
+    print()
+    _print_scores(result.holdout_before, result.holdout_after, "held-out clean")
+    _print_scores(result.before, result.after, "test")
+    print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
+          f"on {result.optimisation.device}; total {result.seconds:.1f} s")
+    for f in result.files:
+        print(f"wrote {f}")
+    diff = result.export.max_abs_diff
+    print(f"PASSED: {result.output} verified in onnxruntime (max |diff| vs pruned torch model {diff:.1e})")
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    plan, export = prune(args.model, args.masks, out=args.out, pruning=_spec(args), layout=args.layout,
+                         preprocessing=args.preprocess, overwrite=args.overwrite, verify_data=args.data)
+    sizes = {name: 0 for name in plan.pruned}
+    print(f"Pruned {plan.count} of {plan.total} neurons ({plan.spec.describe()}):")
+    rows = [[name, str(n)] for name, n in plan.per_layer().items() if n] + [["total", str(plan.count)]]
+    print(_table(rows, ["layer", "pruned"]))
+    del sizes
+    print(f"wrote {export.path}")
+    print(f"PASSED: {export.path} verified in onnxruntime (max |diff| {export.max_abs_diff:.1e})")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    result = evaluate_model(args.model, args.data, poisoned=args.poisoned, target=args.target,
+                            preprocessing=args.preprocess, layout=args.layout)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    if result.accuracy is not None:
+        print(f"clean accuracy        {_pct(result.accuracy)}  ({result.n_clean} images)")
+    if result.asr is not None:
+        how = "inferred from predictions" if result.target_inferred else "given"
+        print(f"attack success rate   {_pct(result.asr)}  ({result.n_poisoned} triggered images, "
+              f"target {result.target} {how})")
+    return 0
+
+
+_COMMANDS = {"inspect": _cmd_inspect, "repair": _cmd_repair, "prune": _cmd_prune, "evaluate": _cmd_evaluate}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default: sys.argv[1:]); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help / --version exit 0, usage errors 1
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 1
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    _LOGGER.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return _COMMANDS[args.command](args)
+    except Cancelled:
+        print(f"{PROG}: cancelled; nothing was written", file=sys.stderr)
+        return 1
+    except AnpOnnxError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""ONNX -> torch with onnx2torch, parity with onnxruntime, and perturbable neurons.
+
+:func:`convert` turns the runnable copy of a :class:`~anp_onnx.model.LoadedModel` into a torch
+``fx.GraphModule`` and records which module computes which ONNX value (onnx2torch's own
+``onnx_mapping``), so that neuron layers found in the ONNX graph are located in torch exactly.
+:class:`ClassifierNet` wraps the graph so that it takes images as (N, C, H, W) floats in [0, 1] and
+returns (N, classes) logits, applying the preprocessing and the model's channel layout.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import fx, nn
+
+from ._compat import onnx2torch
+from .data import Preprocessing
+from .errors import ConversionError
+from .model import LoadedModel, default_opset
+from .neurons import NeuronLayer, PerturbedModule, get_kind
+
+_LOGGER = logging.getLogger(__name__)
+
+#: Parity tolerance between torch and onnxruntime logits: |diff| <= ATOL + RTOL * max|logit|.
+PARITY_ATOL = 1e-3
+PARITY_RTOL = 1e-3
+
+
+@dataclass
+class Converted:
+    """A converted model: the graph module and ONNX value name -> torch module name."""
+
+    graph: fx.GraphModule
+    modules_by_output: dict[str, str]
+
+
+def unsupported_ops(model: onnx.ModelProto) -> list[str]:
+    """'OpType (node names)' for every op onnx2torch has no converter for."""
+    registry = onnx2torch().node_converters.registry
+    opsets = {imp.domain or "": int(imp.version) for imp in model.opset_import}
+    missing: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        domain = node.domain or ""
+        version = opsets.get(domain, opsets.get("ai.onnx", 0)) if domain in ("", "ai.onnx") else opsets.get(domain, 1)
+        try:
+            registry.get_converter(operation_type=node.op_type, version=version, domain=domain)
+        except NotImplementedError:
+            missing.setdefault(f"{node.op_type}-{version}", []).append(node.name or node.output[0])
+    return [f"{op} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" for op, names in missing.items()]
+
+
+def convert(model: LoadedModel) -> Converted:
+    """Convert ``model.runnable`` with onnx2torch; raise ConversionError naming unsupported ops."""
+    source = model.runnable
+    missing = unsupported_ops(source)
+    if missing and default_opset(source) > 17:
+        try:  # onnx2torch 1.5 lacks several opset-18+ converters; opset 17 keeps node names
+            lowered = onnx.version_converter.convert_version(copy.deepcopy(source), 17)
+            if not unsupported_ops(lowered):
+                _LOGGER.info("converted through an in-memory opset-17 copy for onnx2torch")
+                source, missing = lowered, []
+        except Exception as exc:  # version conversion is best effort
+            _LOGGER.debug("opset 17 down-conversion failed: %s", exc)
+    if missing:
+        raise ConversionError(
+            "onnx2torch cannot convert these ops: " + "; ".join(missing)
+            + ". Re-export the model with standard ONNX ops (opset <= 17 is safest)"
+        )
+    try:
+        graph = onnx2torch().convert(source, attach_onnx_mapping=True)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise ConversionError(f"onnx2torch failed to convert the model: {text[0] if text else exc!r}") from exc
+    graph.eval()
+    for p in graph.parameters():
+        p.requires_grad_(False)
+    outputs: dict[str, str] = {}
+    for name, module in graph.named_children():
+        mapping = getattr(module, "onnx_mapping", None)
+        if mapping is not None:
+            for value in mapping.outputs:
+                outputs[value] = name
+    return Converted(graph, outputs)
+
+
+class ClassifierNet(nn.Module):
+    """(N, C, H, W) images in [0, 1] -> (N, classes) logits through the converted graph."""
+
+    def __init__(self, graph: fx.GraphModule, layout: str, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.graph = graph
+        self.layout = layout
+        self.preprocessing = preprocessing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.preprocessing.apply(x)
+        if self.layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        out = self.graph(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.reshape(out.shape[0], -1)
+
+
+def install_neurons(converted: Converted, layers: tuple[NeuronLayer, ...]) -> dict[str, PerturbedModule]:
+    """Replace each layer's torch module by its perturbable version; layer name -> module."""
+    installed: dict[str, PerturbedModule] = {}
+    for layer in layers:
+        name = converted.modules_by_output.get(layer.output)
+        if name is None:
+            raise ConversionError(f"no torch module computes {layer.output} ({layer.name})")
+        wrapped = get_kind(layer.kind).wrap(getattr(converted.graph, name), layer)
+        setattr(converted.graph, name, wrapped)
+        installed[layer.name] = wrapped
+    return installed
+
+
+def ort_logits(model: LoadedModel, x: np.ndarray, session=None) -> np.ndarray:
+    """Logits from onnxruntime for already-preprocessed inputs in the model's layout."""
+    session = session or model.session()
+    batch = model.input.batch
+    if batch is None:
+        out = session.run([model.output_name], {model.input.name: x.astype(model.input.dtype)})[0]
+        return out.reshape(out.shape[0], -1)
+    chunks = []
+    for start in range(0, len(x), batch):
+        part = x[start:start + batch]
+        pad = batch - len(part)
+        if pad:
+            part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
+        out = session.run([model.output_name], {model.input.name: part.astype(model.input.dtype)})[0]
+        chunks.append(out.reshape(out.shape[0], -1)[: batch - pad])
+    return np.concatenate(chunks)
+
+
+def to_model_input(model: LoadedModel, images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+    """[0,1] NCHW images -> the array the ONNX input takes (preprocessed, in the model's layout)."""
+    x = preprocessing.apply(images.astype(np.float32, copy=False))
+    if model.input.layout == "NHWC":
+        x = x.transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x, dtype=model.input.dtype)
+
+
+@torch.no_grad()
+def torch_logits(net: nn.Module, images: np.ndarray, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        out.append(net(x).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def parity(model: LoadedModel, net: nn.Module, images: np.ndarray, preprocessing: Preprocessing,
+           device: str = "cpu") -> float:
+    """Max |torch - onnxruntime| over the logits of ``images``; ConversionError if out of tolerance."""
+    ref = ort_logits(model, to_model_input(model, images, preprocessing))
+    was_training = net.training
+    net.eval()
+    try:
+        got = torch_logits(net, images, device)
+    except Exception as exc:
+        raise ConversionError(f"the converted torch model fails to run: {str(exc).splitlines()[0]}") from exc
+    finally:
+        net.train(was_training)
+    if got.shape != ref.shape:
+        raise ConversionError(f"torch gives logits of shape {got.shape}, onnxruntime {ref.shape}")
+    diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
+    limit = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(ref)) if ref.size else 0.0)
+    if not np.isfinite(diff) or diff > limit:
+        raise ConversionError(
+            f"the torch conversion disagrees with onnxruntime: max |diff| {diff:.3g} > {limit:.3g}; "
+            "the model uses an op onnx2torch converts differently"
+        )
+    return diff

@@ -1,0 +1,120 @@
+"""Folding a pruning decision back into the ORIGINAL ONNX model, and writing it safely.
+
+The repaired model is the user's model with only the pruned channels' initializer values changed:
+same nodes, node names, inputs and outputs, opset, IR version and producer. Tensors the original
+kept in external data go to an external data file next to the output (``<output>.data``), the rest
+stay inline. ``metadata_props`` gain ``anp_onnx.*`` entries recording what was done. Files are
+written to a temporary folder beside the target and moved into place, so a failure leaves nothing
+half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import set_external_data
+
+from .errors import ModelError, OutputError
+from .graph import InitializerEditor
+from .neurons import NeuronLayer, get_kind
+from .prune import PrunePlan
+
+_LOGGER = logging.getLogger(__name__)
+METADATA_PREFIX = "anp_onnx."
+
+
+def fold_plan(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: PrunePlan,
+              metadata: Optional[Mapping[str, object]] = None) -> tuple[onnx.ModelProto, InitializerEditor]:
+    """A copy of ``model`` with ``plan`` folded in, and the editor that knows what changed."""
+    out = copy.deepcopy(model)
+    editor = InitializerEditor(out)
+    for layer in layers:
+        idx = np.asarray(plan.pruned.get(layer.name, ()), dtype=np.int64)
+        if idx.size:
+            get_kind(layer.kind).fold(layer, idx, editor)
+    set_metadata(out, metadata or {})
+    return out, editor
+
+
+def set_metadata(model: onnx.ModelProto, entries: Mapping[str, object]) -> None:
+    """Replace ``anp_onnx.<key>`` metadata entries (JSON values); other entries are kept."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key = METADATA_PREFIX + key
+        prop.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
+    """The ``anp_onnx.*`` metadata of a model, JSON-decoded where possible."""
+    out: dict[str, object] = {}
+    for p in model.metadata_props:
+        if p.key.startswith(METADATA_PREFIX):
+            try:
+                out[p.key[len(METADATA_PREFIX):]] = json.loads(p.value)
+            except ValueError:
+                out[p.key[len(METADATA_PREFIX):]] = p.value
+    return out
+
+
+def check_output_path(out: os.PathLike | str, source: Optional[os.PathLike | str], overwrite: bool) -> Path:
+    """Refuse an output equal to the input, in a missing folder, or existing without ``overwrite``."""
+    out = Path(out)
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise OutputError(f"the output {out} is the input model; choose another path (the input is never overwritten)")
+    if out.is_dir():
+        raise OutputError(f"the output {out} is a folder; give a file name ending in .onnx")
+    if not out.parent.exists():
+        raise OutputError(f"the output folder {out.parent} does not exist")
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
+    return out
+
+
+def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequence[str] = ()) -> list[Path]:
+    """Write ``model`` atomically; tensors named in ``external`` go to ``<out>.data``. Returns the files."""
+    out = Path(out)
+    data_name = out.name + ".data"
+    model = copy.copy(model) if not external else copy.deepcopy(model)
+    names = set(external)
+    if names:
+        for t in model.graph.initializer:
+            if t.name in names:
+                set_external_data(t, location=data_name)
+    tmpdir = Path(tempfile.mkdtemp(prefix=".anp_onnx_", dir=out.parent))
+    try:
+        onnx.save_model(model, str(tmpdir / out.name))
+        written = [out]
+        if (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, out.parent / data_name)
+            written.append(out.parent / data_name)
+        os.replace(tmpdir / out.name, out)
+    except OSError as exc:
+        raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return written
+
+
+def external_names_for(model: onnx.ModelProto, original_external: frozenset[str], copies: Mapping[str, str]) -> list[str]:
+    """Initializers to store externally: those the original stored so, and copies made of them."""
+    names = set(original_external) | {new for old, new in copies.items() if old in original_external}
+    return [t.name for t in model.graph.initializer if t.name in names]
+
+
+def check_written(path: Path) -> None:
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:
+        raise ModelError(f"the written model {path} fails onnx.checker: {str(exc).splitlines()[0]}") from exc

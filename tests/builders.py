@@ -1,0 +1,94 @@
+"""Small real ONNX models built in code for the tests (opset <= 21, IR <= 10)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+
+class TinyBNNet(nn.Module):
+    """Conv-BN-ReLU x2, global pool, linear: 8 + 16 BatchNorm neurons."""
+
+    def __init__(self, channels: int = 3, classes: int = 10, width: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def randomize_bn(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Give BatchNorm layers non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=g) * 0.2 - 0.1)
+    return net
+
+
+def export(net: nn.Module, path: Path, *, size: int = 16, channels: int = 3, opset: int = 13,
+           fold_bn: bool = False, nhwc: bool = False, dynamic_batch: bool = True) -> Path:
+    """Export ``net`` (eval mode) with the legacy exporter; BN kept unless ``fold_bn``."""
+    net = net.eval()
+    module: nn.Module = _NHWC(net) if nhwc else net
+    shape = (1, size, size, channels) if nhwc else (1, channels, size, size)
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, torch.rand(shape), str(path), dynamo=False, opset_version=opset,
+                          do_constant_folding=fold_bn, input_names=["input"], output_names=["logits"],
+                          dynamic_axes=axes)
+    return path
+
+
+class _NHWC(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def tiny_model(path: Path, *, seed: int = 0, **kwargs) -> Path:
+    """A TinyBNNet with random weights exported to ``path``."""
+    torch.manual_seed(seed)
+    net = randomize_bn(TinyBNNet(channels=kwargs.get("channels", 3)), seed)
+    return export(net, path, **kwargs)
+
+
+def random_images(n: int = 64, size: int = 16, channels: int = 3, classes: int = 10, seed: int = 0):
+    from anp_onnx.data import ImageSet
+
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, channels, size, size), dtype=np.float32)
+    return ImageSet(x, (np.arange(n) % classes).astype(np.int64), source="random")
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    buf = io.BytesIO()
+    onnx.save_model(model, buf)
+    return buf.getvalue()
+
+
+def initializer(model: onnx.ModelProto, name: str) -> Optional[np.ndarray]:
+    for t in model.graph.initializer:
+        if t.name == name:
+            return onnx.numpy_helper.to_array(t)
+    return None
