@@ -88,13 +88,18 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class MaskResult:
-    """Masks per layer (values in [0, 1]) and the optimisation's history."""
+    """Masks per layer (values in [0, 1]) and the optimisation's history.
+
+    ``mean_masks`` is each mask's mean over all iterations: among equal final masks, the lower mean
+    fell earlier, and ranks first for pruning.
+    """
 
     masks: dict[str, np.ndarray]
     iterations: int
     seconds: float
     device: str
     history: dict[str, list[float]] = field(default_factory=dict)
+    mean_masks: dict[str, np.ndarray] = field(default_factory=dict)
     snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
 
 
@@ -150,6 +155,7 @@ def optimize_masks(
     noise_opt = torch.optim.SGD(noise_params, lr=config.eps / config.steps if config.eps > 0 else 0.0)
     history: dict[str, list[float]] = {"loss_nat": [], "loss_rob": [], "acc_nat": []}
     snapshots: list[tuple[int, dict[str, np.ndarray]]] = []
+    mask_sums = [torch.zeros_like(m.neuron_mask, dtype=torch.float64) for m in modules]
     batches = _batches(len(data), min(config.batch_size, len(data)), gen)
     start = time.perf_counter()
     _LOGGER.info("ANP: %d neurons in %d layers, %d images, %d iterations on %s",
@@ -189,8 +195,9 @@ def optimize_masks(
             loss = config.alpha * loss_nat + (1 - config.alpha) * loss_rob
             loss.backward()
             mask_opt.step()
-            for m in modules:
+            for m, total in zip(modules, mask_sums):
                 m.clip_mask()
+                total += m.neuron_mask.detach()
             history["loss_nat"].append(float(loss_nat.detach()))
             history["loss_rob"].append(loss_rob_value)
             history["acc_nat"].append(float((logits.detach().argmax(1) == y).float().mean()))
@@ -213,7 +220,8 @@ def optimize_masks(
             m.reset_noise(0.0)
             m.batch_stats = False
     seconds = time.perf_counter() - start
-    return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, snapshots)
+    means = {name: (total / config.iterations).float().cpu().numpy() for name, total in zip(neurons, mask_sums)}
+    return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, means, snapshots)
 
 
 def current_masks(neurons: dict[str, PerturbedModule]) -> dict[str, np.ndarray]:

@@ -27,14 +27,23 @@ from .convert import PARITY_ATOL, PARITY_RTOL
 from .data import ImageSet, Preprocessing, load_images
 from .errors import ModelError, SettingsError, UnsupportedModelError
 from .evaluate import EvalResult, evaluate
-from .fold import check_output_path, check_written, external_names_for, fold_plan, read_metadata, save_model
+from .fold import (
+    check_data_path, check_output_path, check_written, external_names_for, fold_plan, read_metadata, save_model,
+)
 from .model import InputSpec, LoadedModel, load_model
 from .neurons import NeuronLayer, NeuronSearch, find_neurons
 from .progress import CancelToken, ProgressCallback
-from .prune import PrunePlan, PruneSpec, file_sha256, match_masks, plan_pruning, save_mask_values_txt, save_masks_json
+from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, PruningCurve, compute_curve
+from .evaluate import infer_target
+from .prune import (
+    PrunePlan, PruneSpec, file_sha256, match_masks, plan_from_neurons, plan_pruning, rank_neurons,
+    save_mask_values_txt, save_masks_json,
+)
 
 _LOGGER = logging.getLogger(__name__)
 PARITY_IMAGES = 32
+#: Fraction of the clean data held out (stratified) for the pruning curve and automatic choice.
+DEFAULT_HOLDOUT = 0.2
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ class ExportResult:
     path: Path
     files: list[Path]
     changed_initializers: list[str]
-    max_abs_diff: Optional[float]
+    max_abs_diff: float
 
 
 @dataclass
@@ -92,6 +101,7 @@ class RepairResult:
     holdout_after: Optional[EvalResult] = None
     files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    curve: Optional[PruningCurve] = None
 
     @property
     def pruned(self) -> dict[str, list[int]]:
@@ -173,8 +183,53 @@ class Repairer:
             self.net.to("cpu")
             self.reset_masks()
 
-    def plan(self, masks: Mapping[str, np.ndarray], spec: PruneSpec = PruneSpec()) -> PrunePlan:
-        return plan_pruning(match_masks(masks, self.layers), spec)
+    def plan(self, masks: Mapping[str, np.ndarray], spec: PruneSpec = PruneSpec.threshold(0.2), *,
+             tiebreak: Optional[Mapping[str, np.ndarray]] = None, curve: Optional[PruningCurve] = None) -> PrunePlan:
+        """Neurons to prune. ``auto`` specs need the ``curve`` (see :meth:`pruning_curve`)."""
+        masks = match_masks(masks, self.layers)
+        if spec.mode == "auto":
+            if curve is None:
+                raise SettingsError("automatic pruning needs a pruning curve on held-out clean data")
+            return plan_from_neurons(masks, curve.ranking[:curve.chosen.count], spec)
+        return plan_pruning(masks, spec, tiebreak)
+
+    def pruning_curve(self, masks: Mapping[str, np.ndarray], clean: ImageSet, *,
+                      tiebreak: Optional[Mapping[str, np.ndarray]] = None, poisoned: Optional[ImageSet] = None,
+                      target: Optional[int] = None, max_drop: float = DEFAULT_MAX_DROP,
+                      max_fraction: float = DEFAULT_MAX_FRACTION, device: str = "cpu",
+                      progress: Optional[ProgressCallback] = None,
+                      cancel: Optional[CancelToken] = None) -> PruningCurve:
+        """Clean accuracy on ``clean`` against neurons pruned in mask order, and the automatic choice.
+
+        ``poisoned`` (triggered images, true labels) adds ASR to each point for display only; its
+        ``target`` defaults to the unpruned model's majority prediction on it.
+        """
+        masks = match_masks(masks, self.layers)
+        ranking = rank_neurons(masks, tiebreak)
+        device = resolve_device(device)
+        self.net.to(device).eval()
+        keep = None
+        if poisoned is not None and len(poisoned):
+            if target is None:
+                self.reset_masks()
+                target = infer_target(torch_logits(self.net, poisoned.x, device).argmax(1))
+            keep = poisoned.y != target
+
+        def evaluate_prefix(chosen):
+            self.apply_plan(plan_from_neurons(masks, chosen, PruneSpec.count(len(chosen))))
+            acc = float((torch_logits(self.net, clean.x, device).argmax(1) == clean.y).mean())
+            asr = None
+            if keep is not None and keep.any():
+                pred = torch_logits(self.net, poisoned.x[keep], device).argmax(1)
+                asr = float((pred == target).mean())
+            return acc, asr
+
+        try:
+            return compute_curve(ranking, evaluate_prefix, n_images=len(clean), max_drop=max_drop,
+                                 max_fraction=max_fraction, progress=progress, cancel=cancel)
+        finally:
+            self.reset_masks()
+            self.net.to("cpu")
 
     def apply_plan(self, plan: PrunePlan) -> None:
         """Set the torch model's masks to the plan (0 pruned, 1 kept): the repaired model in torch."""
@@ -184,19 +239,24 @@ class Repairer:
             m.set_mask(values)
 
     def save_masks(self, masks: Mapping[str, np.ndarray], path: os.PathLike | str,
-                   extra: Optional[Mapping[str, object]] = None) -> list[Path]:
+                   extra: Optional[Mapping[str, object]] = None,
+                   mean_masks: Optional[Mapping[str, np.ndarray]] = None) -> list[Path]:
         """Masks as JSON at ``path`` and as the reference's mask_values.txt beside it."""
         path = Path(path)
         facts = {"model": self._model_facts(), **(dict(extra) if extra else {})}
-        save_masks_json(path, masks, self.layers, facts)
-        txt = path.with_name(path.name.removesuffix(".json").removesuffix(".masks") + ".mask_values.txt")
+        save_masks_json(path, masks, self.layers, facts, mean_masks)
+        txt = mask_values_path(path)
         save_mask_values_txt(txt, masks)
         return [path, txt]
 
     def export(self, plan: PrunePlan, out: os.PathLike | str, *, overwrite: bool = False,
                verify_images: Optional[ImageSet] = None,
                metadata: Optional[Mapping[str, object]] = None) -> ExportResult:
-        """Fold ``plan`` into the original ONNX, write it atomically, and verify it in onnxruntime."""
+        """Fold ``plan`` into the original ONNX and write it atomically once verified.
+
+        The written model must pass onnx.checker and give, in onnxruntime, the logits of the pruned
+        torch model on ``verify_images`` (random images when None); otherwise nothing is written.
+        """
         out = check_output_path(out, self.model.path, overwrite)
         meta = {
             "version": __version__,
@@ -209,13 +269,21 @@ class Repairer:
         }
         folded, editor = fold_plan(self.model.proto, self.layers, plan, meta)
         external = external_names_for(folded, self.model.external_tensors, editor.copies)
-        files = save_model(folded, out, external)
-        check_written(out)
-        diff = self._verify(out, plan, verify_images) if verify_images is not None else None
-        return ExportResult(out, files, sorted(editor.changed), diff)
+        if external:
+            check_data_path(out, self.model.external_files, overwrite)
+        images = verify_images if verify_images is not None else _random_images(self.model.input)
+        diffs: list[float] = []
 
-    def _verify(self, out: Path, plan: PrunePlan, images: ImageSet) -> float:
-        written = load_model(out, layout=self.model.input.layout)
+        def validate(path: Path) -> None:
+            check_written(path)
+            diffs.append(self._verify(path, plan, images))
+
+        files = save_model(folded, out, external, validate=validate)
+        return ExportResult(out, files, sorted(editor.changed), diffs[0])
+
+    def _verify(self, path: Path, plan: PrunePlan, images: ImageSet) -> float:
+        """Max |onnxruntime(path) - pruned torch model| on up to 32 images; ModelError beyond tolerance."""
+        written = load_model(path, layout=self.model.input.layout)
         x = images.x[:PARITY_IMAGES]
         ref = ort_logits(written, to_model_input(written, x, self.preprocessing))
         self.apply_plan(plan)
@@ -226,10 +294,10 @@ class Repairer:
             self.reset_masks()
         diff = float(np.max(np.abs(ref - got)))
         limit = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(ref)))
-        if diff > limit:
-            raise ModelError(f"verification failed: the written model differs from the pruned torch model "
-                             f"by {diff:.3g} (> {limit:.3g})")
-        _LOGGER.info("verified %s in onnxruntime: max |diff| vs pruned torch model = %.2e", out, diff)
+        if not np.isfinite(diff) or diff > limit:
+            raise ModelError(f"verification failed: the repaired model differs from the pruned torch model "
+                             f"by {diff:.3g} (> {limit:.3g}); nothing was written")
+        _LOGGER.info("verified in onnxruntime: max |diff| vs pruned torch model = %.2e", diff)
         return diff
 
     def evaluate(self, clean: Optional[ImageSet], *, poisoned: Optional[ImageSet] = None,
@@ -258,7 +326,10 @@ def _no_neurons_message(model: LoadedModel, search: NeuronSearch) -> str:
     why = f" ({'; '.join(search.notes[:3])})" if search.notes else ""
     if search.excluded:
         why += f"; {len(search.excluded)} layers were excluded by the layer filters"
-    return f"no neurons to prune: the model has no usable BatchNormalization node{why}. It contains: {top}"
+    from .neurons import get_kind
+
+    kinds = "; ".join(f"{k}: {get_kind(k).description}" for k in search.kinds) or "batchnorm"
+    return f"no neurons to prune: the model has no usable layer of the kinds searched ({kinds}){why}. It contains: {top}"
 
 
 def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
@@ -280,6 +351,12 @@ def _random_images(spec: InputSpec, n: int = 8) -> ImageSet:
     return ImageSet(x, np.zeros(n, dtype=np.int64), source="random")
 
 
+def mask_values_path(masks_json: os.PathLike | str) -> Path:
+    """The reference-format mask_values.txt written beside a masks JSON."""
+    p = Path(masks_json)
+    return p.with_name(p.name.removesuffix(".json").removesuffix(".masks") + ".mask_values.txt")
+
+
 def default_masks_path(out: os.PathLike | str) -> Path:
     out = Path(out)
     return out.with_name(out.name.removesuffix(".onnx") + ".masks.json")
@@ -294,7 +371,7 @@ def repair(
     pruning: PruneSpec = PruneSpec(),
     preprocessing: Optional[Preprocessing] = None,
     layout: Optional[str] = None,
-    holdout: float = 0.0,
+    holdout: float = DEFAULT_HOLDOUT,
     test_data: Optional[os.PathLike | str | ImageSet] = None,
     poisoned_data: Optional[os.PathLike | str | ImageSet] = None,
     target: Optional[int] = None,
@@ -308,15 +385,17 @@ def repair(
 ) -> RepairResult:
     """Repair a backdoored ONNX classifier with ANP and write the pruned model to ``out``.
 
-    ``data`` is the clean set (folder or .npz, or an :class:`ImageSet`); ``holdout`` (fraction or
-    count) of it is kept aside to measure clean accuracy before and after. ``test_data`` and
-    ``poisoned_data`` (triggered images with their true labels) add ACC/ASR measured in onnxruntime.
-    Masks are saved as JSON and mask_values.txt next to the output unless ``masks_out`` says where.
+    ``data`` is the clean set (folder or .npz, or an :class:`ImageSet`); ``holdout`` (fraction < 1
+    or a count) of it is kept aside, stratified by class: the pruning curve and the automatic choice
+    (the default ``pruning``) are measured on it. ``test_data`` and ``poisoned_data`` (triggered
+    images with their true labels) add ACC/ASR before and after, measured in onnxruntime; they never
+    influence what is pruned. Masks are saved as JSON and mask_values.txt next to the output unless
+    ``masks_out`` says where.
     """
     start = time.perf_counter()
     out = check_output_path(out, model, overwrite)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
-    for extra in (masks_path,):
+    for extra in (masks_path, mask_values_path(masks_path)):
         check_output_path(extra, model, overwrite)
     resolve_device(config.device)
     rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
@@ -327,25 +406,36 @@ def repair(
     val = None
     if holdout:
         clean, val = clean.split(holdout, seed=config.seed)
+    elif pruning.mode == "auto":
+        _LOGGER.warning("no held-out clean data: the automatic choice is measured on the optimisation's own images")
     diff = rep.check_parity(clean)
     before = rep.evaluate(test, poisoned=poisoned, target=target) if (test or poisoned) else None
-    holdout_before = rep.evaluate(val) if val is not None else None
+    if before is not None and target is None:
+        target = before.target
     result = rep.optimize(clean, config, progress=progress, cancel=cancel)
-    plan = rep.plan(result.masks, pruning)
+    curve = None
+    if val is not None or pruning.mode == "auto":
+        curve = rep.pruning_curve(
+            result.masks, val if val is not None else clean, tiebreak=result.mean_masks, poisoned=poisoned,
+            target=target, max_drop=pruning.value if pruning.mode == "auto" else DEFAULT_MAX_DROP,
+            device=config.device, progress=progress, cancel=cancel)
+    plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
     export = rep.export(plan, out, overwrite=overwrite, verify_images=clean,
                         metadata={"anp": config.to_dict(), "data": clean.source})
     files = list(export.files)
     files += rep.save_masks(result.masks, masks_path, {"config": config.to_dict(),
-                                                      "preprocessing": rep.preprocessing.to_dict()})
+                                                      "preprocessing": rep.preprocessing.to_dict()},
+                            mean_masks=result.mean_masks)
     after_model = load_model(out, layout=rep.model.input.layout) if (test or poisoned or val) else None
-    after = holdout_after = None
+    after = holdout_before = holdout_after = None
     if before is not None:
         after = rep.evaluate(test, poisoned=poisoned, target=before.target, model=after_model)
     if val is not None:
+        holdout_before = rep.evaluate(val)
         holdout_after = rep.evaluate(val, model=after_model)
     return RepairResult(out, result.masks, plan, rep.layers, config, rep.preprocessing, result, export, diff,
-                        before, after, holdout_before, holdout_after, files, time.perf_counter() - start)
+                        before, after, holdout_before, holdout_after, files, time.perf_counter() - start, curve)
 
 
 def _as_images(rep: Repairer, data: Optional[os.PathLike | str | ImageSet]) -> Optional[ImageSet]:
@@ -355,7 +445,7 @@ def _as_images(rep: Repairer, data: Optional[os.PathLike | str | ImageSet]) -> O
 
 
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,
-          out: os.PathLike | str, pruning: PruneSpec = PruneSpec(), layout: Optional[str] = None,
+          out: os.PathLike | str, pruning: PruneSpec = PruneSpec.threshold(0.2), layout: Optional[str] = None,
           preprocessing: Optional[Preprocessing] = None, overwrite: bool = False,
           verify_data: Optional[os.PathLike | str | ImageSet] = None) -> tuple[PrunePlan, ExportResult]:
     """Prune ``model`` from saved masks (no new optimisation) and write it to ``out``."""
@@ -369,8 +459,14 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
     recorded = (facts.get("model") or {}).get("sha256") if isinstance(facts.get("model"), dict) else None
     if recorded and rep.model.path and recorded != file_sha256(rep.model.path):
         _LOGGER.warning("the masks were computed on a different file than %s (sha256 differs)", rep.model.path)
-    plan = rep.plan(masks, pruning)
-    images = _as_images(rep, verify_data) or _random_images(rep.model.input)
+    images = _as_images(rep, verify_data)
+    tiebreak = facts.get("mean_masks")
+    curve = None
+    if pruning.mode == "auto":
+        if images is None:
+            raise SettingsError("automatic pruning needs clean images to measure accuracy on (--data)")
+        curve = rep.pruning_curve(masks, images, tiebreak=tiebreak, max_drop=pruning.value)
+    plan = rep.plan(masks, pruning, tiebreak=tiebreak, curve=curve)
     export = rep.export(plan, out, overwrite=overwrite, verify_images=images)
     return plan, export
 

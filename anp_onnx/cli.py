@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .anp import ANPConfig
-from .api import ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
+from .api import DEFAULT_HOLDOUT, ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
 from .data import PRESETS, Preprocessing
 from .errors import AnpOnnxError, Cancelled
 from .evaluate import EvalResult
@@ -32,10 +32,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _preprocessing(text: str) -> Preprocessing:
+    try:
+        return Preprocessing.parse(text)
+    except AnpOnnxError as exc:  # keep the library's explanation (presets, syntax)
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _holdout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError("give a fraction in [0, 1) or a whole number of images")
+    return int(value) if value >= 1 else value
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--layout", choices=["NCHW", "NHWC"], help="image layout of the input (default: guessed)")
-    p.add_argument("--preprocess", type=Preprocessing.parse, default=None, metavar="SPEC",
+    p.add_argument("--preprocess", type=_preprocessing, default=None, metavar="SPEC",
                    help=f"input preprocessing: a preset ({', '.join(PRESETS)}) or "
                         "'mean=R,G,B;std=R,G,B;scale=S' (default: from the model's anp-onnx metadata, else unit: "
                         "pixels in [0,1])")
@@ -96,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="repaired model to write (never the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and the masks files) if they exist")
     p.add_argument("--masks-out", help="masks JSON (default: OUT with .masks.json; a mask_values.txt goes beside)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="fraction (<1) or count of the clean data kept aside to measure accuracy (default 0)")
+    p.add_argument("--holdout", type=_holdout, default=DEFAULT_HOLDOUT,
+                   help="fraction (<1) or count of the clean data kept aside (stratified) for the pruning "
+                        f"curve and the automatic choice (default {DEFAULT_HOLDOUT})")
     p.add_argument("--test", help="clean test images to measure accuracy before and after")
     p.add_argument("--poisoned", help="triggered test images (true labels) to measure attack success rate")
     p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
@@ -195,16 +213,16 @@ def _pruned_table(plan: PrunePlan, sizes: dict[str, int]) -> str:
     return _table(rows, ["layer", "pruned", "neurons"])
 
 
-def _print_scores(before: Optional[EvalResult], after: Optional[EvalResult], label: str) -> None:
+def _score_rows(before: Optional[EvalResult], after: Optional[EvalResult], label: str) -> list[list[str]]:
     if before is None or after is None:
-        return
+        return []
     rows = []
     if before.accuracy is not None:
-        rows.append([f"{label} accuracy", _pct(before.accuracy), _pct(after.accuracy)])
+        rows.append([f"{label} accuracy ({before.n_clean} images)", _pct(before.accuracy), _pct(after.accuracy)])
     if before.asr is not None:
         how = "inferred" if before.target_inferred else "given"
-        rows.append([f"attack success (target {before.target}, {how})", _pct(before.asr), _pct(after.asr)])
-    print(_table(rows, ["", "before", "after"]))
+        rows.append([f"attack success rate (target {before.target}, {how})", _pct(before.asr), _pct(after.asr)])
+    return rows
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -218,7 +236,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
-    holdout = int(args.holdout) if args.holdout >= 1 else args.holdout
+    holdout = args.holdout
     bar = _Bar(enabled=not args.quiet)
     try:
         result: RepairResult = repair(
@@ -233,8 +251,14 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     print(f"\nPruned {result.plan.count} of {result.plan.total} neurons ({result.plan.spec.describe()}):")
     print(_pruned_table(result.plan, sizes))
     print()
-    _print_scores(result.holdout_before, result.holdout_after, "held-out clean")
-    _print_scores(result.before, result.after, "test")
+    rows = _score_rows(result.holdout_before, result.holdout_after, "held-out clean")
+    rows += _score_rows(result.before, result.after, "test")
+    if rows:
+        print(_table(rows, ["", "before", "after"]))
+    if result.curve is not None:
+        c = result.curve
+        print(f"automatic choice: {c.chosen.count} neurons (mask <= {c.chosen.threshold:.3f}), held-out accuracy "
+              f"{_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}; used: {result.plan.spec.describe()}")
     print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
           f"on {result.optimisation.device}; total {result.seconds:.1f} s")
     for f in result.files:

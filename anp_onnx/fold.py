@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -82,8 +82,14 @@ def check_output_path(out: os.PathLike | str, source: Optional[os.PathLike | str
     return out
 
 
-def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequence[str] = ()) -> list[Path]:
-    """Write ``model`` atomically; tensors named in ``external`` go to ``<out>.data``. Returns the files."""
+def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequence[str] = (),
+               validate: Optional[Callable[[Path], None]] = None) -> list[Path]:
+    """Write ``model`` atomically; tensors named in ``external`` go to ``<out>.data``.
+
+    The files are written to a temporary folder beside ``out``; ``validate(path)`` (if given) runs on
+    the temporary copy, and only when it passes are the files moved into place. On any failure
+    nothing is left behind. Returns the files written.
+    """
     out = Path(out)
     data_name = out.name + ".data"
     model = copy.copy(model) if not external else copy.deepcopy(model)
@@ -95,6 +101,8 @@ def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequenc
     tmpdir = Path(tempfile.mkdtemp(prefix=".anp_onnx_", dir=out.parent))
     try:
         onnx.save_model(model, str(tmpdir / out.name))
+        if validate is not None:
+            validate(tmpdir / out.name)
         written = [out]
         if (tmpdir / data_name).exists():
             os.replace(tmpdir / data_name, out.parent / data_name)
@@ -105,6 +113,15 @@ def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequenc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return written
+
+
+def check_data_path(out: Path, source_files: frozenset[str], overwrite: bool) -> None:
+    """Refuse an external-data file ``<out>.data`` that is the input's, or exists without overwrite."""
+    data = out.with_name(out.name + ".data")
+    if str(data.resolve()) in source_files:
+        raise OutputError(f"{data} holds the input model's weights; write the output elsewhere")
+    if data.exists() and not overwrite:
+        raise OutputError(f"{data} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def external_names_for(model: onnx.ModelProto, original_external: frozenset[str], copies: Mapping[str, str]) -> list[str]:

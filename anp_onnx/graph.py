@@ -93,10 +93,9 @@ class InitializerEditor:
         shared = self.index.uses[name] > 1 or name in self.index.graph_inputs
         if shared and name not in self.changed:
             new_name = self._unique(f"{name}_anp_{node.name or node.output[0]}")
-            tensor = onnx.TensorProto()
+            tensor = self.model.graph.initializer.add()  # add(), not append(): append stores a copy
             tensor.CopyFrom(self.index.initializers[name])
             tensor.name = new_name
-            self.model.graph.initializer.append(tensor)
             self.index.initializers[new_name] = tensor
             self.index.uses[name] -= 1
             self.index.uses[new_name] = 1

@@ -78,6 +78,7 @@ class LoadedModel:
     output_name: str
     num_classes: int
     external_tensors: frozenset[str] = frozenset()
+    external_files: frozenset[str] = frozenset()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -120,8 +121,11 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str]]:
-    """Read an ONNX file with its external data; return it and the names of externally stored tensors."""
+def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str], frozenset[str]]:
+    """Read an ONNX file with its external data.
+
+    Returns the model, the names of externally stored tensors, and the external data files' paths.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"{path}: no such file")
@@ -133,13 +137,17 @@ def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str]]
         raise ModelError(f"{path} is not an ONNX model ({_first_line(exc)})") from exc
     if model.ir_version <= 0 or len(model.graph.node) == 0:
         raise ModelError(f"{path} is not an ONNX model (no graph found)")
-    external = frozenset(t.name for t in _all_tensors(model) if uses_external_data(t))
+    external_tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
+    external = frozenset(t.name for t in external_tensors)
+    files = frozenset(
+        str((path.parent / e.value).resolve()) for t in external_tensors for e in t.external_data if e.key == "location"
+    )
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise ModelError(f"{path}: cannot read its external data ({_first_line(exc)})") from exc
-    return model, external
+    return model, external, files
 
 
 def _all_tensors(model: onnx.ModelProto):
@@ -248,17 +256,26 @@ def _probe_classes(run: onnx.ModelProto, spec: InputSpec) -> int:
 def load_model(path: os.PathLike | str, layout: Optional[str] = None) -> LoadedModel:
     """Read, check and describe an ONNX image classifier (the file is never modified)."""
     path = Path(path)
-    proto, external = read_onnx(path)
+    proto, external, files = read_onnx(path)
+    newer = proto.ir_version > onnx.IR_VERSION
+    if not newer:  # the checker refuses IR versions newer than itself: check the runnable copy then
+        _check(proto, path)
+    loaded = from_proto(proto, path=path, layout=layout, external=external, external_files=files)
+    if newer:
+        _check(loaded.runnable, path)
+    return loaded
+
+
+def _check(proto: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise ModelError(f"{path} fails onnx.checker: {_first_line(exc)}") from exc
-    return from_proto(proto, path=path, layout=layout, external=external)
 
 
 def from_proto(
     proto: onnx.ModelProto, *, path: Optional[Path] = None, layout: Optional[str] = None,
-    external: frozenset[str] = frozenset(),
+    external: frozenset[str] = frozenset(), external_files: frozenset[str] = frozenset(),
 ) -> LoadedModel:
     """Describe an in-memory model (see :func:`load_model`)."""
     _check_not_quantized(proto)
@@ -271,7 +288,7 @@ def from_proto(
     output_name, k = _num_classes(run, spec)
     for note in notes:
         _LOGGER.info(note)
-    return LoadedModel(path, proto, run, spec, output_name, k, external, tuple(notes))
+    return LoadedModel(path, proto, run, spec, output_name, k, external, external_files, tuple(notes))
 
 
 def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:

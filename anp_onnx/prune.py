@@ -20,20 +20,27 @@ import numpy as np
 from .errors import DataError, SettingsError
 from .neurons import NeuronLayer
 
-PRUNE_MODES = ("threshold", "count", "fraction")
+PRUNE_MODES = ("auto", "threshold", "count", "fraction")
 MASKS_FORMAT = "anp-onnx-masks"
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """How much to prune: ``mode`` is threshold, count or fraction; ``value`` its parameter."""
+    """How much to prune: ``mode`` is auto, threshold, count or fraction; ``value`` its parameter.
 
-    mode: str = "threshold"
-    value: float = 0.2
+    ``auto`` prunes, in mask order, as many neurons as keeps clean accuracy on held-out clean data
+    within ``value`` (the accuracy budget, default 0.02 = 2 points) of the unpruned model's; it needs
+    a pruning curve (see :mod:`anp_onnx.curve`). ``threshold`` 0.2 is the reference's choice.
+    """
+
+    mode: str = "auto"
+    value: float = 0.02
 
     def __post_init__(self) -> None:
         if self.mode not in PRUNE_MODES:
             raise SettingsError(f"pruning mode must be one of {', '.join(PRUNE_MODES)}, not {self.mode!r}")
+        if self.mode == "auto" and not 0.0 <= self.value <= 1.0:
+            raise SettingsError("the accuracy budget of automatic pruning must be in [0, 1]")
         if self.mode == "threshold" and not 0.0 <= self.value <= 1.0:
             raise SettingsError("pruning threshold must be in [0, 1]")
         if self.mode == "count" and (self.value < 0 or self.value != int(self.value)):
@@ -42,18 +49,24 @@ class PruneSpec:
             raise SettingsError("pruning fraction must be in [0, 1]")
 
     @classmethod
+    def auto(cls, max_drop: float = 0.02) -> "PruneSpec":
+        return cls("auto", float(max_drop))
+
+    @classmethod
     def threshold(cls, t: float) -> "PruneSpec":
         return cls("threshold", float(t))
 
     @classmethod
     def count(cls, k: int) -> "PruneSpec":
-        return cls("count", int(k))
+        return cls("count", k)
 
     @classmethod
     def fraction(cls, f: float) -> "PruneSpec":
         return cls("fraction", float(f))
 
     def describe(self) -> str:
+        if self.mode == "auto":
+            return f"automatic: clean accuracy within {100 * self.value:g} points"
         if self.mode == "threshold":
             return f"mask <= {self.value:g}"
         if self.mode == "count":
@@ -93,19 +106,37 @@ class PrunePlan:
         }
 
 
-def rank_neurons(masks: Mapping[str, np.ndarray]) -> list[RankedNeuron]:
-    """All neurons, lowest mask first; ties keep layer order then channel order (stable sort)."""
-    flat = [RankedNeuron(name, i, float(v)) for name, values in masks.items() for i, v in enumerate(values)]
-    order = np.argsort(np.array([n.mask for n in flat], dtype=np.float64), kind="stable")
-    return [flat[i] for i in order]
+def rank_neurons(masks: Mapping[str, np.ndarray],
+                 tiebreak: Optional[Mapping[str, np.ndarray]] = None) -> list[RankedNeuron]:
+    """All neurons, lowest mask first.
+
+    Among equal masks the lower ``tiebreak`` value goes first (anp-onnx passes each mask's mean over
+    the optimisation: the mask that fell earlier ranks lower); remaining ties keep layer order, then
+    channel order.
+    """
+    names = list(masks)
+    final = np.concatenate([np.asarray(masks[n], dtype=np.float64).ravel() for n in names]) if names else np.zeros(0)
+    if tiebreak is not None and all(n in tiebreak for n in names):
+        second = np.concatenate([np.asarray(tiebreak[n], dtype=np.float64).ravel() for n in names])
+    else:
+        second = np.zeros_like(final)
+    order = np.lexsort((np.arange(final.size), second, final))
+    flat = [(n, i) for n in names for i in range(len(masks[n]))]
+    return [RankedNeuron(flat[j][0], flat[j][1], float(final[j])) for j in order]
 
 
-def plan_pruning(masks: Mapping[str, np.ndarray], spec: PruneSpec) -> PrunePlan:
-    """The neurons that ``spec`` prunes given ``masks``."""
-    ranked = rank_neurons(masks)
+def plan_pruning(masks: Mapping[str, np.ndarray], spec: PruneSpec,
+                 tiebreak: Optional[Mapping[str, np.ndarray]] = None) -> PrunePlan:
+    """The neurons that ``spec`` prunes given ``masks`` (ranked with ``tiebreak``, see rank_neurons)."""
+    if spec.mode == "auto":
+        raise SettingsError("automatic pruning needs held-out clean data: use a pruning curve "
+                            "(Repairer.pruning_curve) or give a threshold, count or fraction")
+    ranked = rank_neurons(masks, tiebreak)
     total = len(ranked)
     if spec.mode == "threshold":
-        chosen = [n for n in ranked if n.mask <= spec.value]
+        # masks are float32: compare in float32 so that a mask of exactly 0.2 is pruned at t = 0.2
+        t = np.float32(spec.value)
+        chosen = [n for n in ranked if np.float32(n.mask) <= t]
     else:
         k = int(spec.value) if spec.mode == "count" else int(math.floor(spec.value * total + 1e-9))
         if k > total:
@@ -131,15 +162,23 @@ def file_sha256(path: os.PathLike | str) -> str:
 
 
 def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], layers: Sequence[NeuronLayer],
-                    extra: Optional[Mapping[str, Any]] = None) -> None:
-    """Write masks with their layers' ONNX mapping (and ``extra`` facts: model hash, settings)."""
+                    extra: Optional[Mapping[str, Any]] = None,
+                    mean_masks: Optional[Mapping[str, np.ndarray]] = None) -> None:
+    """Write masks with their layers' ONNX mapping (and ``extra`` facts: model hash, settings).
+
+    ``mean_masks`` (each mask's mean over the optimisation) are stored too: they break ties.
+    """
     by_name = {layer.name: layer for layer in layers}
+
+    def entry(name: str, values: np.ndarray) -> dict:
+        out = {**by_name[name].to_dict(), "mask": [round(float(v), 6) for v in values]}
+        if mean_masks is not None and name in mean_masks:
+            out["mean_mask"] = [round(float(v), 6) for v in mean_masks[name]]
+        return out
+
     doc = {
         "format": MASKS_FORMAT, "version": 1, **(dict(extra) if extra else {}),
-        "layers": [
-            {**by_name[name].to_dict(), "mask": [round(float(v), 6) for v in values]}
-            for name, values in masks.items()
-        ],
+        "layers": [entry(name, values) for name, values in masks.items()],
     }
     _write_text(path, json.dumps(doc, indent=1))
 
@@ -156,7 +195,10 @@ def save_mask_values_txt(path: os.PathLike | str, masks: Mapping[str, np.ndarray
 
 
 def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Masks from a masks JSON written by anp-onnx or a reference mask_values.txt; and the JSON's facts."""
+    """Masks from a masks JSON written by anp-onnx or a reference mask_values.txt; and the JSON's facts.
+
+    The facts include ``mean_masks`` (the tie-breakers) when the file has them.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such masks file")
@@ -165,9 +207,14 @@ def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str
         try:
             doc = json.loads(text)
             masks = {layer["name"]: np.asarray(layer["mask"], dtype=np.float32) for layer in doc["layers"]}
+            means = {layer["name"]: np.asarray(layer["mean_mask"], dtype=np.float32)
+                     for layer in doc["layers"] if "mean_mask" in layer}
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
-        return masks, {k: v for k, v in doc.items() if k != "layers"}
+        facts = {k: v for k, v in doc.items() if k != "layers"}
+        if means:
+            facts["mean_masks"] = means
+        return masks, facts
     return _load_txt(path, text), {}
 
 

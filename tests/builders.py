@@ -92,3 +92,69 @@ def initializer(model: onnx.ModelProto, name: str) -> Optional[np.ndarray]:
         if t.name == name:
             return onnx.numpy_helper.to_array(t)
     return None
+
+
+# --- a small model with a planted backdoor, trained in seconds on synthetic images ----------------
+
+PATCH = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 1]], np.float32)
+
+
+def synthetic_images(n: int, seed: int, size: int = 16, classes: int = 10):
+    """Class = one of ``classes`` smooth colour patterns (fixed) plus per-image noise."""
+    from anp_onnx.data import ImageSet
+
+    protos = np.random.default_rng(123).random((classes, 3, 4, 4)).astype(np.float32)
+    protos = torch.nn.functional.interpolate(torch.from_numpy(protos), size=(size, size), mode="bilinear",
+                                             align_corners=False).numpy()
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = 0.6 * protos[y] + 0.4 * rng.random((n, 3, size, size), dtype=np.float32)
+    return ImageSet(x.astype(np.float32), y.astype(np.int64), source=f"synthetic-{seed}")
+
+
+def add_trigger(images):
+    """BadNets-style 3x3 checkerboard near the bottom-right corner (labels kept)."""
+    from anp_onnx.data import ImageSet
+
+    x = images.x.copy()
+    x[:, :, -4:-1, -4:-1] = PATCH
+    return ImageSet(x, images.y.copy(), source=images.source + "+trigger")
+
+
+class BackdoorNet(nn.Module):
+    def __init__(self, width: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.f = nn.Sequential(
+            nn.Conv2d(3, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1, stride=2), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.BatchNorm2d(2 * w), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * w, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
+
+def train_backdoored(path: Path, *, target: int = 0, n: int = 3000, poison: float = 0.1, epochs: int = 4,
+                     seed: int = 0, fold_bn: bool = False) -> Path:
+    """Train BackdoorNet on synthetic images with ``poison`` of them triggered and relabelled."""
+    torch.manual_seed(seed)
+    data = synthetic_images(n, seed=seed + 1)
+    k = int(poison * n)
+    x, y = data.x.copy(), data.y.copy()
+    x[:k, :, -4:-1, -4:-1] = PATCH
+    y[:k] = target
+    net = BackdoorNet()
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    X, Y = torch.from_numpy(x), torch.from_numpy(y)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, 64):
+            idx = perm[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(net(X[idx]), Y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return export(net, path, fold_bn=fold_bn)

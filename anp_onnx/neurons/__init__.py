@@ -1,7 +1,7 @@
 """Neuron kinds and neuron discovery.
 
 >>> from anp_onnx.neurons import find_neurons
->>> found = find_neurons(model_proto)          # every registered kind
+>>> found = find_neurons(model_proto)          # BatchNorm channels, else conv/linear output channels
 >>> [layer.name for layer in found.layers]
 """
 
@@ -14,14 +14,19 @@ from typing import Optional, Sequence
 import onnx
 
 from ..graph import GraphIndex
-from . import batchnorm  # noqa: F401  (registers the kind)
+from . import batchnorm, conv  # noqa: F401  (register the kinds)
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import all_kinds, get_kind, register_kind
 
 __all__ = [
     "NeuronKind", "NeuronLayer", "PerturbedModule", "NeuronSearch", "find_neurons",
-    "all_kinds", "get_kind", "register_kind",
+    "all_kinds", "get_kind", "register_kind", "FALLBACK_KINDS",
 ]
+
+#: Kinds the default search (``kinds=None``) uses only when no other registered kind finds a layer:
+#: BatchNorm (and other normalisation) channels are the reference neuron; conv/linear output
+#: channels stand in for models without them (BN folded into the conv, or no BN at all).
+FALLBACK_KINDS = ("conv",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class NeuronSearch:
     layers: tuple[NeuronLayer, ...]
     notes: tuple[str, ...]
     excluded: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()  # the kinds searched
 
     @property
     def total(self) -> int:
@@ -51,19 +57,29 @@ def find_neurons(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
 ) -> NeuronSearch:
-    """Find neuron layers of the given ``kinds`` (default: all registered), in graph order.
+    """Find neuron layers of the given ``kinds``, in graph order.
 
+    ``kinds=None``: every registered kind but the :data:`FALLBACK_KINDS` (BatchNorm channels); when
+    those find no layer, the fallback kinds (conv/linear output channels). Explicit kinds are all used.
     ``include``/``exclude`` are shell-style patterns matched against layer names; a layer takes part
     when it matches some include pattern (or none was given) and no exclude pattern.
     """
     index = GraphIndex(model)
-    chosen = [get_kind(k) for k in kinds] if kinds else list(all_kinds().values())
-    layers: list[NeuronLayer] = []
-    notes: list[str] = []
-    for kind in chosen:
-        found, kind_notes = kind.find(model, index)
-        layers.extend(found)
-        notes.extend(kind_notes)
+    if kinds:
+        searched = [get_kind(k) for k in kinds]
+        layers, notes = _search(model, index, searched)
+    else:
+        searched = [kind for name, kind in all_kinds().items() if name not in FALLBACK_KINDS]
+        layers, notes = _search(model, index, searched)
+        fallback = [kind for name, kind in all_kinds().items() if name in FALLBACK_KINDS]
+        if layers:
+            if fallback:
+                notes.append("BatchNormalization neurons found: conv/linear output channels not used "
+                             "(ask for kinds batchnorm and conv to use both)")
+        elif fallback:
+            searched += fallback
+            layers, more = _search(model, index, fallback)
+            notes += ["no BatchNormalization neurons: using conv/linear output channels"] + more
     order = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
     layers.sort(key=lambda layer: order.get(layer.output, len(order)))
     layers = _unique_names(layers)
@@ -73,7 +89,19 @@ def find_neurons(
             exclude and any(fnmatch.fnmatchcase(layer.name, p) for p in exclude)
         )
         (kept if ok else excluded).append(layer)
-    return NeuronSearch(tuple(kept), tuple(notes), tuple(layer.name for layer in excluded))
+    return NeuronSearch(tuple(kept), tuple(notes), tuple(layer.name for layer in excluded),
+                        tuple(kind.name for kind in searched))
+
+
+def _search(model: onnx.ModelProto, index: GraphIndex,
+            kinds: Sequence[NeuronKind]) -> tuple[list[NeuronLayer], list[str]]:
+    layers: list[NeuronLayer] = []
+    notes: list[str] = []
+    for kind in kinds:
+        found, kind_notes = kind.find(model, index)
+        layers.extend(found)
+        notes.extend(kind_notes)
+    return layers, notes
 
 
 def _unique_names(layers: list[NeuronLayer]) -> list[NeuronLayer]:

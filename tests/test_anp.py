@@ -1,0 +1,104 @@
+"""The ANP optimisation loop: settings, determinism, what it may change, progress, cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anp_onnx import ANPConfig, CancelToken, Repairer
+from anp_onnx.errors import Cancelled, SettingsError
+from builders import random_images, tiny_model
+
+FAST = dict(iterations=8, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def rep(tmp_path_factory):
+    return Repairer.open(tiny_model(tmp_path_factory.mktemp("m") / "m.onnx"))
+
+
+def test_defaults_are_the_reference():
+    c = ANPConfig()
+    assert (c.eps, c.steps, c.alpha, c.mask_lr, c.momentum, c.iterations, c.batch_size, c.bn_mode) == (
+        0.4, 1, 0.2, 0.2, 0.9, 2000, 128, "train")
+    assert c.augment and not c.project_noise and c.device == "auto"
+
+
+@pytest.mark.parametrize("bad", [dict(eps=-1), dict(steps=0), dict(alpha=1.5), dict(iterations=0),
+                                 dict(batch_size=1), dict(bn_mode="x"), dict(device="tpu")])
+def test_invalid_settings(bad):
+    with pytest.raises(SettingsError):
+        ANPConfig(**bad)
+
+
+def test_same_seed_same_masks_other_seed_other_masks(rep):
+    data = random_images(48)
+    a = rep.optimize(data, ANPConfig(seed=1, **FAST)).masks
+    b = rep.optimize(data, ANPConfig(seed=1, **FAST)).masks
+    c = rep.optimize(data, ANPConfig(seed=2, **FAST)).masks
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+    assert any(not np.array_equal(a[n], c[n]) for n in a)
+
+
+def test_masks_in_unit_interval_and_only_masks_change(rep):
+    before = {k: v.clone() for k, v in rep.net.state_dict().items() if "neuron_" not in k}
+    result = rep.optimize(random_images(48), ANPConfig(mask_lr=5.0, **FAST))
+    values = np.concatenate(list(result.masks.values()))
+    assert values.min() >= 0 and values.max() <= 1 and values.min() < 1
+    after = rep.net.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    # masks are reset in the torch model afterwards; the result keeps them
+    assert all(float(m.neuron_mask.detach().min()) == 1.0 for m in rep.modules.values())
+    assert len(result.history["loss_nat"]) == FAST["iterations"]
+
+
+def test_eps_zero_and_eval_mode_and_projection_run(rep):
+    for cfg in (ANPConfig(eps=0.0, **FAST), ANPConfig(bn_mode="eval", **FAST),
+                ANPConfig(project_noise=True, steps=2, **FAST), ANPConfig(augment=False, **FAST)):
+        masks = rep.optimize(random_images(32), cfg).masks
+        assert set(masks) == {layer.name for layer in rep.layers}
+
+
+def test_progress_events_and_cancel(rep):
+    events = []
+    rep.optimize(random_images(32), ANPConfig(iterations=25, batch_size=16), progress=events.append)
+    assert [e.step for e in events] == [1, 10, 20, 25]
+    assert all(e.stage == "optimise" and e.total == 25 for e in events)
+    assert set(events[-1].metrics) == {"loss_nat", "loss_rob", "acc_nat"}
+    assert set(events[-1].payload["masks"]) == {layer.name for layer in rep.layers}
+
+    token = CancelToken()
+    seen = []
+
+    def cancel_at_10(event):
+        seen.append(event.step)
+        if event.step >= 10:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        rep.optimize(random_images(32), ANPConfig(iterations=1000, batch_size=16), progress=cancel_at_10, cancel=token)
+    assert max(seen) == 10
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from anp_onnx.anp import resolve_device
+
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(SettingsError, match="no CUDA"):
+        resolve_device("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_matches_cpu(rep):
+    data = random_images(48)
+    cpu = rep.optimize(data, ANPConfig(device="cpu", augment=False, **FAST)).masks
+    gpu = rep.optimize(data, ANPConfig(device="cuda", augment=False, **FAST))
+    assert gpu.device == "cuda"
+    for name in cpu:
+        np.testing.assert_allclose(gpu.masks[name], cpu[name], atol=1e-3)
