@@ -33,6 +33,7 @@ from .fold import (
 from .model import InputSpec, LoadedModel, load_model
 from .neurons import NeuronLayer, NeuronSearch, find_neurons
 from .progress import CancelToken, ProgressCallback
+from .report import report_paths, write_report
 from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, PruningCurve, compute_curve
 from .evaluate import infer_target
 from .prune import (
@@ -329,7 +330,8 @@ def _no_neurons_message(model: LoadedModel, search: NeuronSearch) -> str:
     from .neurons import get_kind
 
     kinds = "; ".join(f"{k}: {get_kind(k).description}" for k in search.kinds) or "batchnorm"
-    return f"no neurons to prune: the model has no usable layer of the kinds searched ({kinds}){why}. It contains: {top}"
+    return (f"no neurons to prune: the model has no usable layer of the kinds searched ({kinds}){why}. "
+            f"It contains: {top}")
 
 
 def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
@@ -380,6 +382,7 @@ def repair(
     kinds: Optional[Sequence[str]] = None,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
+    report: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> RepairResult:
@@ -395,7 +398,8 @@ def repair(
     start = time.perf_counter()
     out = check_output_path(out, model, overwrite)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
-    for extra in (masks_path, mask_values_path(masks_path)):
+    extras = [masks_path, mask_values_path(masks_path)] + (list(report_paths(out).values()) if report else [])
+    for extra in extras:
         check_output_path(extra, model, overwrite)
     resolve_device(config.device)
     rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
@@ -434,8 +438,11 @@ def repair(
     if val is not None:
         holdout_before = rep.evaluate(val)
         holdout_after = rep.evaluate(val, model=after_model)
-    return RepairResult(out, result.masks, plan, rep.layers, config, rep.preprocessing, result, export, diff,
-                        before, after, holdout_before, holdout_after, files, time.perf_counter() - start, curve)
+    repaired = RepairResult(out, result.masks, plan, rep.layers, config, rep.preprocessing, result, export, diff,
+                            before, after, holdout_before, holdout_after, files, time.perf_counter() - start, curve)
+    if report:
+        repaired.files += write_report(repaired)
+    return repaired
 
 
 def _as_images(rep: Repairer, data: Optional[os.PathLike | str | ImageSet]) -> Optional[ImageSet]:

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .anp import ANPConfig
+from .curve import DEFAULT_MAX_DROP
 from .api import DEFAULT_HOLDOUT, ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
 from .data import PRESETS, Preprocessing
 from .errors import AnpOnnxError, Cancelled
@@ -63,12 +64,19 @@ def _neuron_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-layers", nargs="+", metavar="PATTERN", help="skip neuron layers whose name matches")
 
 
-def _pruning_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning (one of; default --threshold 0.2)")
+def _pruning_options(p: argparse.ArgumentParser, auto_default: bool) -> None:
+    default = ("--auto: the largest pruning that keeps held-out clean accuracy within --max-drop"
+               if auto_default else "--threshold 0.2, the reference's choice")
+    g = p.add_argument_group(f"pruning (one of; default {default})")
     x = g.add_mutually_exclusive_group()
-    x.add_argument("--threshold", type=float, help="prune every neuron with mask <= T")
+    x.add_argument("--auto", action="store_true",
+                   help="prune in mask order as far as clean accuracy allows (needs clean data)")
+    x.add_argument("--threshold", type=float, help="prune every neuron with mask <= T (reference: 0.2)")
     x.add_argument("--count", type=int, help="prune the K neurons with the lowest masks")
     x.add_argument("--fraction", type=float, help="prune this fraction of all neurons, lowest masks first")
+    g.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
+                   help=f"accuracy budget of --auto, as a fraction (default {DEFAULT_MAX_DROP} = 2 points)")
+    p.set_defaults(auto_default=auto_default)
 
 
 def _anp_options(p: argparse.ArgumentParser) -> None:
@@ -113,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="repaired model to write (never the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and the masks files) if they exist")
     p.add_argument("--masks-out", help="masks JSON (default: OUT with .masks.json; a mask_values.txt goes beside)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report (JSON + Markdown with plots)")
     p.add_argument("--holdout", type=_holdout, default=DEFAULT_HOLDOUT,
                    help="fraction (<1) or count of the clean data kept aside (stratified) for the pruning "
                         f"curve and the automatic choice (default {DEFAULT_HOLDOUT})")
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
     _neuron_options(p)
     _anp_options(p)
-    _pruning_options(p)
+    _pruning_options(p, auto_default=True)
 
     p = sub.add_parser("prune", help="prune from saved masks (no new optimisation)",
                        description="Prune a model from masks saved by 'repair' (or a reference mask_values.txt).")
@@ -129,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True, help="masks JSON or mask_values.txt")
     p.add_argument("--out", required=True, help="pruned model to write (never the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--data", help="images for the onnxruntime verification (default: random images)")
-    _pruning_options(p)
+    p.add_argument("--data", help="clean images for --auto and the onnxruntime verification (default: random images)")
+    _pruning_options(p, auto_default=False)
 
     p = sub.add_parser("evaluate", help="clean accuracy and attack success rate in onnxruntime",
                        description="Measure clean accuracy and, with triggered images, attack success rate "
@@ -148,7 +157,11 @@ def _spec(args: argparse.Namespace) -> PruneSpec:
         return PruneSpec.count(args.count)
     if args.fraction is not None:
         return PruneSpec.fraction(args.fraction)
-    return PruneSpec.threshold(0.2 if args.threshold is None else args.threshold)
+    if args.threshold is not None:
+        return PruneSpec.threshold(args.threshold)
+    if args.auto or args.auto_default:
+        return PruneSpec.auto(args.max_drop)
+    return PruneSpec.threshold(0.2)
 
 
 def _config(args: argparse.Namespace) -> ANPConfig:
@@ -243,7 +256,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
             args.model, args.data, out=args.out, config=_config(args), pruning=_spec(args),
             preprocessing=args.preprocess, layout=args.layout, holdout=holdout, test_data=args.test,
             poisoned_data=args.poisoned, target=args.target, masks_out=args.masks_out, overwrite=args.overwrite,
-            include=args.layers, exclude=args.exclude_layers, progress=bar,
+            include=args.layers, exclude=args.exclude_layers, report=not args.no_report, progress=bar,
         )
     finally:
         bar.close()

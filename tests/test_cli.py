@@ -183,7 +183,9 @@ def test_inspect_layer_filter(files: dict[str, Path], capsys: pytest.CaptureFixt
 def test_repair(files: dict[str, Path], repaired: dict) -> None:
     assert repaired["rc"] == 0, repaired["stderr"]
     out, folder = repaired["out"], repaired["dir"]
-    assert sorted(p.name for p in folder.iterdir()) == ["rep.mask_values.txt", "rep.masks.json", "rep.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "rep.curve.png", "rep.mask_values.txt", "rep.masks.json", "rep.masks.png", "rep.onnx",
+        "rep.report.json", "rep.report.md"]
     text = repaired["stdout"]
     lines = text.splitlines()
     assert f"PASSED: {out} verified in onnxruntime" in text
@@ -193,6 +195,10 @@ def test_repair(files: dict[str, Path], repaired: dict) -> None:
     pruned = json.loads(_metadata(out)["anp_onnx.pruned"])
     assert pruned["total"] == 24 and pruned["spec"] == {"mode": "threshold", "value": 0.2}
     assert f"Pruned {pruned['count']} of 24 neurons (mask <= 0.2):" in lines
+    report = json.loads((folder / "rep.report.json").read_text())
+    assert report["pruning"]["count"] == pruned["count"] and report["neurons"]["total"] == 24
+    assert report["curve"]["chosen"]["count"] >= 0 and report["pruning"]["spec"]["mode"] == "threshold"
+    assert "rep.curve.png" in (folder / "rep.report.md").read_text()
     total = [line.split() for line in lines if line.startswith("total")]
     assert total == [["total", str(pruned["count"]), "24"]]
     assert _bn_scale_zeros(out) == pruned["count"]

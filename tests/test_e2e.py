@@ -40,7 +40,7 @@ def test_planted_backdoor_is_removed(tmp_path):
     assert result.curve is not None and result.curve.chosen.count == result.plan.count
     # re-pruning the same count from the saved masks (their tie-breakers included) needs no new
     # optimisation and reproduces the file's pruning exactly
-    plan, _ = anp_onnx.prune(model, result.files[-2], out=tmp_path / "again.onnx",
+    plan, _ = anp_onnx.prune(model, tmp_path / "repaired.masks.json", out=tmp_path / "again.onnx",
                              pruning=anp_onnx.PruneSpec.count(result.plan.count))
     assert {k: list(v) for k, v in plan.pruned.items()} == {k: list(v) for k, v in result.plan.pruned.items()}
     assert np.isfinite(result.export.max_abs_diff) and result.export.max_abs_diff < 1e-4

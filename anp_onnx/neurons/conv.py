@@ -21,10 +21,13 @@ Layers found (weights must be initializers; other nodes are skipped with a note)
   the bias noise ``x`` does not (the mask still counts; the bias is kept anyway, see below).
 
 Pruning a neuron zeroes its weight row and KEEPS its bias, so a pruned channel outputs the constant
-bias. This is the reference's BatchNorm pruning carried over: a pruned BatchNorm channel has gamma = 0
-and outputs the constant beta, and with BatchNorm folded into the convolution (bias = beta - gamma *
-mean / std ... folded) gamma = 0 is exactly "weight row 0, bias kept". The torch model mirrors it: a
-mask of 0 scales the weight row to 0 and leaves the bias.
+bias. This carries the reference's BatchNorm pruning over (a pruned BatchNorm channel has gamma = 0 and
+outputs the constant beta: the mask scales gamma, never beta) and matches the mask above, which scales
+the weight only. It is the same operation, not the same constant, as on the unfolded model: folding
+gives weight' = W * gamma / std and bias' = beta + gamma * (b - mean) / std, so a pruned folded channel
+outputs bias' (the BN output for a zero conv response), while gamma = 0 before folding outputs beta
+(the channel's mean output). The torch model mirrors the fold exactly: a mask of 0 scales the weight
+row to 0 and leaves the bias, so the masks learnt are the masks of the function that is written.
 
 The last classifier layer is excluded: a Conv/ConvTranspose/Gemm/MatMul from which a graph output is
 reached without passing another such layer (walking back from each graph output through whatever

@@ -1,0 +1,105 @@
+"""Repair quality on every sample model: ACC/ASR before and after, neurons pruned, time.
+
+    python benchmarks/quality.py                      # all sample models, default settings
+    python benchmarks/quality.py --models ibau_badnets_vgg --iterations 2000 --eps 0.4
+
+Each model's card (sample_models/<model>.json) names its triggered test set and target class. The
+repair itself uses only the bundled clean set (sample_models/data/clean_500.npz); the triggered
+set is used for measuring ASR, never for a decision. Prints a Markdown table and writes the
+figures as JSON (default benchmarks/results/quality.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import anp_onnx  # noqa: E402
+from anp_onnx.prune import PruneSpec  # noqa: E402
+
+SAMPLES = ROOT / "sample_models"
+DATA = SAMPLES / "data"
+
+
+def cards(names: list[str] | None) -> list[dict]:
+    out = []
+    for path in sorted(SAMPLES.glob("*.json")):
+        card = json.loads(path.read_text())
+        if "file" in card and (not names or path.stem in names):
+            out.append({**card, "name": path.stem})
+    return out
+
+
+def parse_spec(text: str) -> PruneSpec:
+    mode, _, value = text.partition("=")
+    return PruneSpec(mode, float(value)) if value else PruneSpec(mode)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="sample model names (default: all)")
+    p.add_argument("--iterations", type=int, help="ANP iterations (default: anp-onnx's default for the device)")
+    p.add_argument("--eps", type=float, help="ANP eps (default: anp-onnx's default)")
+    p.add_argument("--pruning", type=parse_spec, default=PruneSpec(), help="auto[=budget], threshold=T, count=K")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
+    args = p.parse_args(argv)
+
+    config = anp_onnx.ANPConfig(device=args.device, seed=args.seed)
+    if args.iterations:
+        config = replace(config, iterations=args.iterations)
+    if args.eps is not None:
+        config = replace(config, eps=args.eps)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for card in cards(args.models):
+            metrics = card["metrics"]["bundled_1k"]
+            t0 = time.perf_counter()
+            result = anp_onnx.repair(
+                SAMPLES / card["file"], DATA / "clean_500.npz", out=Path(tmp) / f"{card['name']}.onnx",
+                config=config, pruning=args.pruning, test_data=SAMPLES / metrics["clean_set"],
+                poisoned_data=SAMPLES / metrics["triggered_set"], target=card["attack"]["target_class"],
+                report=False,
+            )
+            row = {
+                "model": card["name"], "attack": card["attack"]["name"], "neurons": result.plan.total,
+                "acc_before": result.before.accuracy, "acc_after": result.after.accuracy,
+                "asr_before": result.before.asr, "asr_after": result.after.asr,
+                "pruned": result.plan.count, "pruning": result.plan.spec.describe(),
+                "iterations": result.optimisation.iterations, "seconds": round(time.perf_counter() - t0, 1),
+                "device": result.optimisation.device,
+            }
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    header = "| model | attack | ACC before → after | ASR before → after | neurons pruned | time |"
+    print(header)
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['attack']} | {100 * r['acc_before']:.1f}% → {100 * r['acc_after']:.1f}% | "
+              f"{100 * r['asr_before']:.1f}% → {100 * r['asr_after']:.1f}% | {r['pruned']} / {r['neurons']} | "
+              f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']}) |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "command": " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:])),
+        "settings": config.to_dict(), "pruning": args.pruning.to_dict(),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "rows": rows,
+    }, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The main job: set up (if needed), then repair the default sample model with the bundled clean
+# data (500 CIFAR-10 images), and print ACC/ASR before and after, measured in onnxruntime.
+# Writes out/repaired.onnx plus masks and a report (out/repaired.report.md).
+# Extra arguments go to `anp-onnx repair` (e.g. --iterations 2000 for the reference setting).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+MODEL=${MODEL:-sample_models/ibau_badnets_vgg.onnx}
+POISONED=${POISONED:-sample_models/data/test_ibau_badnets.npz}
+mkdir -p out
+exec anp-onnx repair "$MODEL" --data sample_models/data/clean_500.npz \
+    --test sample_models/data/test_clean.npz --poisoned "$POISONED" \
+    --out out/repaired.onnx --overwrite "$@"
