@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -25,18 +25,24 @@ from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
 
 _LOGGER = logging.getLogger(__name__)
 BN_MODES = ("train", "eval")
+#: Iterations when none are given: the reference's on a GPU, fewer on a CPU (see ANPConfig.resolve).
+REFERENCE_ITERATIONS = 2000
+CPU_ITERATIONS = 300
 
 
 @dataclass(frozen=True)
 class ANPConfig:
-    """ANP hyper-parameters; the defaults are the reference code's."""
+    """ANP hyper-parameters; the defaults are the reference code's.
+
+    ``iterations`` defaults to the reference's 2000 on a GPU and to 300 on a CPU (see :meth:`resolve`).
+    """
 
     eps: float = 0.4
     steps: int = 1
     alpha: float = 0.2
     mask_lr: float = 0.2
     momentum: float = 0.9
-    iterations: int = 2000
+    iterations: Optional[int] = None
     batch_size: int = 128
     bn_mode: str = "train"
     augment: bool = True
@@ -58,7 +64,7 @@ class ANPConfig:
             problems.append("mask_lr must be > 0")
         if not 0.0 <= self.momentum < 1.0:
             problems.append("momentum must be in [0, 1)")
-        if self.iterations < 1:
+        if self.iterations is not None and self.iterations < 1:
             problems.append("iterations must be >= 1")
         if self.batch_size < 2:
             problems.append("batch_size must be >= 2")
@@ -75,6 +81,18 @@ class ANPConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def resolve(self) -> "ANPConfig":
+        """A copy with ``device`` and ``iterations`` made concrete for this machine.
+
+        ``iterations=None`` means the reference's 2000 on a GPU and :data:`CPU_ITERATIONS` on a CPU,
+        where 2000 iterations of a CIFAR network take half an hour or more.
+        """
+        device = resolve_device(self.device)
+        iterations = self.iterations
+        if iterations is None:
+            iterations = REFERENCE_ITERATIONS if device.startswith("cuda") else CPU_ITERATIONS
+        return replace(self, device=device, iterations=iterations)
 
 
 def resolve_device(device: str) -> str:
@@ -134,7 +152,8 @@ def optimize_masks(
     """
     if len(data) < 2:
         raise SettingsError("ANP needs at least 2 clean images")
-    device = resolve_device(config.device)
+    config = config.resolve()
+    device = config.device
     modules = list(neurons.values())
     if not modules:
         raise SettingsError("no neurons to optimise")

@@ -401,7 +401,7 @@ def repair(
     extras = [masks_path, mask_values_path(masks_path)] + (list(report_paths(out).values()) if report else [])
     for extra in extras:
         check_output_path(extra, model, overwrite)
-    resolve_device(config.device)
+    config = config.resolve()
     rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
                         exclude=exclude)
     clean = data if isinstance(data, ImageSet) else rep.load_data(data)

@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
-from .anp import ANPConfig
+from .anp import CPU_ITERATIONS, REFERENCE_ITERATIONS, ANPConfig
 from .curve import DEFAULT_MAX_DROP
 from .api import DEFAULT_HOLDOUT, ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
 from .data import PRESETS, Preprocessing
@@ -82,7 +82,9 @@ def _pruning_options(p: argparse.ArgumentParser, auto_default: bool) -> None:
 def _anp_options(p: argparse.ArgumentParser) -> None:
     d = ANPConfig()
     g = p.add_argument_group("ANP optimisation (defaults: the reference code's)")
-    g.add_argument("--iterations", type=int, default=d.iterations, help="optimisation iterations (one batch each)")
+    g.add_argument("--iterations", type=int, default=None,
+                   help=f"optimisation iterations, one batch each (default: {REFERENCE_ITERATIONS}, the reference, "
+                        f"on a GPU; {CPU_ITERATIONS} on a CPU)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
     g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation budget")
     g.add_argument("--steps", type=int, default=d.steps, help="perturbation steps per iteration")

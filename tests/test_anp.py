@@ -20,9 +20,13 @@ def rep(tmp_path_factory):
 
 def test_defaults_are_the_reference():
     c = ANPConfig()
-    assert (c.eps, c.steps, c.alpha, c.mask_lr, c.momentum, c.iterations, c.batch_size, c.bn_mode) == (
-        0.4, 1, 0.2, 0.2, 0.9, 2000, 128, "train")
+    assert (c.eps, c.steps, c.alpha, c.mask_lr, c.momentum, c.batch_size, c.bn_mode) == (
+        0.4, 1, 0.2, 0.2, 0.9, 128, "train")
     assert c.augment and not c.project_noise and c.device == "auto"
+    # iterations: the reference's 2000 on a GPU, fewer on a CPU; an explicit value always wins
+    resolved = c.resolve()
+    assert resolved.iterations == (2000 if resolved.device == "cuda" else 300)
+    assert ANPConfig(iterations=2000, device="cpu").resolve().iterations == 2000
 
 
 @pytest.mark.parametrize("bad", [dict(eps=-1), dict(steps=0), dict(alpha=1.5), dict(iterations=0),

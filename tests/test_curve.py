@@ -1,0 +1,101 @@
+"""The pruning curve and the automatic choice (anp_onnx.curve), and the repair report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import anp_onnx
+from anp_onnx.curve import compute_curve, grid_counts
+from anp_onnx.errors import SettingsError
+from anp_onnx.prune import PruneSpec, RankedNeuron, rank_neurons
+from builders import add_trigger, synthetic_images, train_backdoored
+
+
+def _ranking(n):
+    return [RankedNeuron("layer", i, i / n) for i in range(n)]
+
+
+def _evaluator(acc_of_count, calls=None):
+    def evaluate(chosen):
+        if calls is not None:
+            calls.append(len(chosen))
+        return acc_of_count(len(chosen)), None
+    return evaluate
+
+
+def test_grid_counts():
+    assert grid_counts(5) == [0, 1, 2, 3, 4, 5]
+    g = grid_counts(1000, points=10)
+    assert g[0] == 0 and g[-1] == 1000 and len(g) == 11
+
+
+def test_choice_is_exact_largest_count_within_budget():
+    # accuracy 0.9 until 137 neurons are pruned, then it falls off a cliff
+    curve = compute_curve(_ranking(1000), _evaluator(lambda k: 0.9 if k <= 137 else 0.5), n_images=100,
+                          max_drop=0.02)
+    assert curve.baseline == 0.9 and curve.chosen.count == 137
+    assert curve.chosen.threshold == pytest.approx(136 / 1000)
+    assert curve.spec() == PruneSpec.count(137)
+    assert [p.count for p in curve.points] == sorted(p.count for p in curve.points)
+
+
+def test_budget_is_respected_and_sweep_stops_early():
+    calls = []
+    curve = compute_curve(_ranking(1000), _evaluator(lambda k: 0.9 - 0.001 * k, calls), n_images=100,
+                          max_drop=0.02, max_fraction=0.5)
+    assert curve.chosen.count == 20  # 0.9 - 0.02: the last count whose drop is <= 2 points
+    assert curve.baseline - curve.chosen.accuracy <= 0.02 + 1e-12
+    assert max(calls) < 500  # stopped once accuracy was far below the budget
+
+
+def test_nothing_pruned_when_every_pruning_hurts():
+    curve = compute_curve(_ranking(50), _evaluator(lambda k: 0.9 if k == 0 else 0.1), n_images=10)
+    assert curve.chosen.count == 0
+
+
+def test_invalid_budget():
+    with pytest.raises(SettingsError):
+        compute_curve(_ranking(10), _evaluator(lambda k: 1.0), n_images=1, max_drop=2)
+
+
+def test_tiebreak_orders_equal_masks():
+    masks = {"a": np.array([0.0, 0.0, 0.5], np.float32), "b": np.array([0.0], np.float32)}
+    means = {"a": np.array([0.3, 0.1, 0.6], np.float32), "b": np.array([0.2], np.float32)}
+    assert [(n.layer, n.index) for n in rank_neurons(masks, means)] == [("a", 1), ("b", 0), ("a", 0), ("a", 2)]
+    assert [(n.layer, n.index) for n in rank_neurons(masks)] == [("a", 0), ("a", 1), ("b", 0), ("a", 2)]
+
+
+def test_auto_spec_needs_a_curve(tmp_path):
+    rep = anp_onnx.Repairer.open(train_backdoored(tmp_path / "b.onnx", n=600, epochs=1))
+    masks = {layer.name: np.linspace(0, 1, layer.size).astype(np.float32) for layer in rep.layers}
+    with pytest.raises(SettingsError, match="curve"):
+        rep.plan(masks, PruneSpec.auto())
+    clean = synthetic_images(100, seed=5)
+    curve = rep.pruning_curve(masks, clean, poisoned=add_trigger(clean), target=0)
+    plan = rep.plan(masks, PruneSpec.auto(), curve=curve)
+    assert plan.count == curve.chosen.count
+    assert all(p.asr is not None for p in curve.points)
+    # the torch model is left unpruned afterwards
+    assert all(float(m.neuron_mask.detach().min()) == 1.0 for m in rep.modules.values())
+
+
+def test_report_files(tmp_path):
+    model = train_backdoored(tmp_path / "b.onnx", n=600, epochs=1)
+    data = synthetic_images(120, seed=3)
+    result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx",
+                             config=anp_onnx.ANPConfig(iterations=5, batch_size=32),
+                             test_data=data, poisoned_data=add_trigger(data))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["b.onnx", "r.curve.png", "r.mask_values.txt", "r.masks.json", "r.masks.png", "r.onnx",
+                     "r.report.json", "r.report.md"]
+    report = json.loads((tmp_path / "r.report.json").read_text())
+    assert report["pruning"]["count"] == result.plan.count
+    assert report["curve"]["chosen"]["count"] == result.curve.chosen.count
+    assert report["test"]["before"]["asr"] == pytest.approx(result.before.asr)
+    assert report["optimisation"]["iterations"] == 5
+    md = (tmp_path / "r.report.md").read_text()
+    assert f"Pruned {result.plan.count} of {result.plan.total} neurons" in md and "r.curve.png" in md
+    assert (tmp_path / "r.curve.png").read_bytes()[:4] == b"\x89PNG"
