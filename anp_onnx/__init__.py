@@ -16,18 +16,22 @@ __version__ = "0.1.0"
 
 from .anp import ANPConfig, MaskResult  # noqa: E402
 from .api import (  # noqa: E402
-    ExportResult, ModelInfo, RepairResult, Repairer, evaluate_model, inspect_model, prune, repair,
+    DEFAULT_HOLDOUT, ExportResult, ModelInfo, RepairResult, Repairer, default_masks_path, evaluate_model,
+    inspect_model, mask_values_path, prune, repair,
 )
+from .curve import CurvePoint, PruningCurve  # noqa: E402
 from .data import ImageSet, Preprocessing, load_images  # noqa: E402
 from .errors import AnpOnnxError  # noqa: E402
 from .evaluate import EvalResult  # noqa: E402
 from .model import InputSpec, LoadedModel, load_model  # noqa: E402
 from .progress import CancelToken, ProgressEvent  # noqa: E402
-from .prune import PrunePlan, PruneSpec, load_masks  # noqa: E402
+from .prune import PrunePlan, PruneSpec, load_masks, rank_neurons  # noqa: E402
+from .report import report_paths, write_report  # noqa: E402
 
 __all__ = [
     "__version__", "ANPConfig", "MaskResult", "ExportResult", "ModelInfo", "RepairResult", "Repairer",
     "evaluate_model", "inspect_model", "prune", "repair", "ImageSet", "Preprocessing", "load_images",
     "AnpOnnxError", "EvalResult", "InputSpec", "LoadedModel", "load_model", "CancelToken", "ProgressEvent",
-    "PrunePlan", "PruneSpec", "load_masks",
+    "PrunePlan", "PruneSpec", "load_masks", "rank_neurons", "DEFAULT_HOLDOUT", "default_masks_path",
+    "mask_values_path", "CurvePoint", "PruningCurve", "report_paths", "write_report",
 ]

@@ -192,6 +192,7 @@ def optimize_masks(
                     m.reset_noise(config.eps, gen)
                 _set_noise(modules, True)
                 for _ in range(config.steps):
+                    check(cancel)
                     noise_opt.zero_grad(set_to_none=True)
                     (-F.cross_entropy(net(x), y)).backward()
                     for p in noise_params:
@@ -201,6 +202,7 @@ def optimize_masks(
                     if config.project_noise:
                         for m in modules:
                             m.project_noise(config.eps)
+            check(cancel)
             mask_opt.zero_grad(set_to_none=True)
             if config.eps > 0:
                 _set_noise(modules, True)

@@ -1,0 +1,272 @@
+"""The main window: a list of steps on the left, one page per step, the library's log at the bottom."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import QByteArray, QSettings, Qt
+from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtWidgets import (
+    QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow, QMessageBox,
+    QProgressBar, QPushButton, QStackedWidget, QVBoxLayout, QWidget,
+)
+
+import anp_onnx
+
+from .dialogs import show_error, show_failure
+from .log import LogPanel
+from .pages import DataPage, ExportPage, ModelPage, PrunePage, RunPage, SettingsPage
+from .pages.model_page import open_job
+from .state import Session, Settings
+from .worker import Failure, TaskRunner
+
+STEPS = ("model", "data", "settings", "run", "prune", "export")
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, settings: Optional[Settings | QSettings] = None) -> None:
+        super().__init__()
+        self.setObjectName("mainWindow")
+        self.settings = settings if isinstance(settings, Settings) else Settings(settings)
+        self.session = Session()
+        self.runner = TaskRunner(self)
+        self.runner.busyChanged.connect(self._busy_changed)
+        self.runner.taskFailed.connect(self._task_failed)
+        self.errors: list[QMessageBox] = []
+        self.setWindowTitle("anp-onnx: repair backdoored image classifiers")
+        self.setAcceptDrops(True)
+
+        self.log = LogPanel(self)
+        self.log.attach()
+        dock = QDockWidget("Log", self)
+        dock.setObjectName("logDock")
+        dock.setWidget(self.log)
+        dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetMovable |
+                         QDockWidget.DockWidgetFeature.DockWidgetClosable)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, dock)
+        self.log_dock = dock
+
+        self.steps = QListWidget(self)
+        self.steps.setObjectName("stepList")
+        self.steps.setFixedWidth(150)
+        self.stack = QStackedWidget(self)
+        self.stack.setObjectName("pages")
+        self.model_page = ModelPage(self)
+        self.data_page = DataPage(self)
+        self.settings_page = SettingsPage(self)
+        self.run_page = RunPage(self)
+        self.prune_page = PrunePage(self)
+        self.export_page = ExportPage(self)
+        self.pages = [self.model_page, self.data_page, self.settings_page, self.run_page, self.prune_page,
+                      self.export_page]
+        for name, page in zip(STEPS, self.pages):
+            page.setObjectName(f"{name}Page")
+            self.stack.addWidget(page)
+            self.steps.addItem(QListWidgetItem(page.title))
+        self.steps.currentRowChanged.connect(self._step_changed)
+        self.back = QPushButton("← Back", self)
+        self.back.setObjectName("backButton")
+        self.back.clicked.connect(lambda: self.go(self.steps.currentRow() - 1))
+        self.next = QPushButton("Next →", self)
+        self.next.setObjectName("nextButton")
+        self.next.clicked.connect(lambda: self.go(self.steps.currentRow() + 1))
+        nav = QHBoxLayout()
+        nav.addStretch(1)
+        nav.addWidget(self.back)
+        nav.addWidget(self.next)
+        right = QVBoxLayout()
+        right.addWidget(self.stack, 1)
+        right.addLayout(nav)
+        central = QWidget(self)
+        row = QHBoxLayout(central)
+        row.addWidget(self.steps)
+        row.addLayout(right, 1)
+        self.setCentralWidget(central)
+
+        self.status = QLabel("Open a model to begin.", self)
+        self.status.setObjectName("statusLabel")
+        self.busy_bar = QProgressBar(self)
+        self.busy_bar.setRange(0, 0)
+        self.busy_bar.setMaximumWidth(140)
+        self.busy_bar.hide()
+        self.stop_button = QPushButton("Stop", self)
+        self.stop_button.setObjectName("stopButton")
+        self.stop_button.setToolTip("Stop the task that is running")
+        self.stop_button.clicked.connect(self.runner.cancel)
+        self.stop_button.hide()
+        self.statusBar().addWidget(self.status, 1)
+        self.statusBar().addPermanentWidget(self.busy_bar)
+        self.statusBar().addPermanentWidget(self.stop_button)
+        self._closing = False
+        self._build_menus()
+        geometry = self.settings.get("window/geometry")
+        if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
+            self.resize(1200, 820)
+        self.resizeDocks([dock], [150], Qt.Orientation.Vertical)
+        self.steps.setCurrentRow(0)
+        self.session_changed()
+
+    # -- menus ----------------------------------------------------------------------------------
+    def _build_menus(self) -> None:
+        file_menu = self.menuBar().addMenu("&File")
+        self.open_action = QAction("&Open model…", self)
+        self.open_action.setShortcut(QKeySequence.StandardKey.Open)
+        self.open_action.triggered.connect(self.open_model_dialog)
+        file_menu.addAction(self.open_action)
+        self.recent_menu = file_menu.addMenu("Open &recent")
+        self.recent_menu.setObjectName("recentMenu")
+        file_menu.addSeparator()
+        quit_action = QAction("&Quit", self)
+        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
+        quit_action.triggered.connect(self.close)
+        file_menu.addAction(quit_action)
+        view = self.menuBar().addMenu("&View")
+        view.addAction(self.log_dock.toggleViewAction())
+        help_menu = self.menuBar().addMenu("&Help")
+        about = QAction("&About anp-onnx", self)
+        about.triggered.connect(lambda: QMessageBox.about(
+            self, "About anp-onnx", f"<b>anp-onnx {anp_onnx.__version__}</b><p>Removes backdoors from ONNX image "
+            "classifiers with Adversarial Neuron Pruning (Wu &amp; Wang, NeurIPS 2021).</p>"))
+        help_menu.addAction(about)
+        self._fill_recent()
+
+    def _fill_recent(self) -> None:
+        self.recent_menu.clear()
+        files = self.settings.recent_files()
+        for path in files:
+            action = self.recent_menu.addAction(Path(path).name)
+            action.setToolTip(path)
+            action.setEnabled(Path(path).exists())
+            action.triggered.connect(lambda checked=False, p=path: self.open_model(p))
+        if files:
+            self.recent_menu.addSeparator()
+            self.recent_menu.addAction("Clear list", self._clear_recent)
+        else:
+            self.recent_menu.addAction("(none)").setEnabled(False)
+        self.model_page.refresh_recent()
+
+    def _clear_recent(self) -> None:
+        self.settings.clear_recent()
+        self._fill_recent()
+
+    # -- opening a model ------------------------------------------------------------------------
+    def open_model_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open an ONNX model", self.settings.last_folder("model"),
+                                              "ONNX models (*.onnx);;All files (*)")
+        if path:
+            self.open_model(path)
+
+    def open_model(self, path: str) -> None:
+        if self.runner.busy:
+            self.status.setText("Busy: wait for the current task or cancel it first.")
+            return
+        opts = self.model_page.options()
+        self.settings.remember_folder("model", path)
+        self.log.note(f"opening {path}")
+        self.runner.start(f"Opening {Path(path).name}", open_job(path, **opts),
+                          on_success=lambda result: self._opened(*result))
+
+    def _opened(self, rep: anp_onnx.Repairer, parity: Optional[float], problem: str) -> None:
+        self.session.reset_from("model")
+        self.session.repairer, self.session.random_parity = rep, parity
+        self.session.info = rep.info()
+        self.model_page.problem = problem
+        self.settings.add_recent(rep.model.path)
+        self._fill_recent()
+        self.data_page.model_opened()
+        self.setWindowTitle(f"anp-onnx: {rep.model.path.name}")
+        self.go(0)
+        self.session_changed()
+        if problem:
+            self.error("The conversion check failed", problem)
+
+    # -- navigation and state -------------------------------------------------------------------
+    def go(self, index: int) -> None:
+        if 0 <= index < len(self.pages) and self._reachable(index):
+            self.steps.setCurrentRow(index)
+
+    def go_to(self, name: str) -> None:
+        self.go(STEPS.index(name))
+
+    def _reachable(self, index: int) -> bool:
+        return all(page.ready() for page in self.pages[1:index + 1])
+
+    def _step_changed(self, index: int) -> None:
+        if index < 0:
+            return
+        self.stack.setCurrentIndex(index)
+        self._update_nav()
+        activated = getattr(self.pages[index], "activated", None)
+        if activated is not None:
+            activated()
+
+    def _update_nav(self) -> None:
+        for i in range(len(self.pages)):
+            item = self.steps.item(i)
+            flags = item.flags() | Qt.ItemFlag.ItemIsEnabled
+            item.setFlags(flags if self._reachable(i) else flags & ~Qt.ItemFlag.ItemIsEnabled)
+        row = self.steps.currentRow()
+        self.back.setEnabled(row > 0)
+        self.next.setEnabled(row + 1 < len(self.pages) and self._reachable(row + 1))
+
+    def session_changed(self) -> None:
+        for page in self.pages:
+            page.refresh()
+            page.set_busy(self.runner.busy)
+        self._update_nav()
+
+    def plan_changed(self) -> None:
+        self.export_page.refresh()
+        self._update_nav()
+
+    # -- tasks and errors -----------------------------------------------------------------------
+    def _busy_changed(self, busy: bool) -> None:
+        task = self.runner.current
+        self.busy_bar.setVisible(busy)
+        self.stop_button.setVisible(busy)
+        if not busy and self._closing:
+            self.close()
+            return
+        self.status.setText(f"{task.name}…" if busy and task is not None else "Ready.")
+        self.open_action.setEnabled(not busy)
+        self.recent_menu.setEnabled(not busy)
+        for page in self.pages:
+            page.set_busy(busy)
+
+    def _task_failed(self, name: str, failure: Failure) -> None:
+        self.log.note(f"{name} failed: {failure.message}")
+        self.status.setText(f"{name} failed.")
+        self.errors.append(show_failure(self, f"{name} failed", failure))
+
+    def error(self, title: str, message: str, details: str = "") -> None:
+        self.log.note(f"{title}: {message}")
+        self.errors.append(show_error(self, title, message, details))
+
+    # -- drag and drop, closing -----------------------------------------------------------------
+    @staticmethod
+    def _dropped_model(event) -> Optional[str]:
+        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
+        paths = [u.toLocalFile() for u in urls if u.isLocalFile()]
+        return next((p for p in paths if p.lower().endswith(".onnx")), None)
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if self._dropped_model(event):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        path = self._dropped_model(event)
+        if path:
+            event.acceptProposedAction()
+            self.open_model(path)
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        if self.runner.busy and not self.runner.wait(3000):
+            self._closing = True  # close once the task has stopped; never leave a thread running
+            self.status.setText("Stopping the current task before closing…")
+            event.ignore()
+            return
+        self.settings.set("window/geometry", self.saveGeometry())
+        self.settings.sync()
+        self.log.detach()
+        super().closeEvent(event)

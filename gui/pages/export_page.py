@@ -1,0 +1,212 @@
+"""Step 6: write the repaired model (verified in onnxruntime), the masks and the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
+
+import anp_onnx
+from anp_onnx.api import RepairResult, default_masks_path, mask_values_path
+from anp_onnx.report import report_paths, write_report
+
+from ..dialogs import confirm
+from .base import Page, esc, pct, rich
+
+
+@dataclass
+class ExportOutcome:
+    export: anp_onnx.ExportResult
+    files: list[Path] = field(default_factory=list)
+    before: Optional[anp_onnx.EvalResult] = None
+    after: Optional[anp_onnx.EvalResult] = None
+    holdout_before: Optional[anp_onnx.EvalResult] = None
+    holdout_after: Optional[anp_onnx.EvalResult] = None
+
+
+class ExportPage(Page):
+    title = "6. Export"
+    subtitle = "The repaired model is the original file with the pruned neurons switched off. It is checked " \
+               "with onnx and re-run in onnxruntime before the app reports success."
+
+    exportFinished = Signal(str)  # "done" or "failed"
+
+    def __init__(self, window) -> None:
+        super().__init__(window)
+        form = QFormLayout()
+        row = QWidget(self)
+        h = QHBoxLayout(row)
+        h.setContentsMargins(0, 0, 0, 0)
+        self.output = QLineEdit(row)
+        self.output.setObjectName("outputPath")
+        self.browse_button = QPushButton("Browse…", row)
+        self.browse_button.setObjectName("browseOutput")
+        self.browse_button.clicked.connect(self.browse)
+        h.addWidget(self.output, 1)
+        h.addWidget(self.browse_button)
+        form.addRow("Repaired model", row)
+        self.save_masks = QCheckBox("Save the masks next to it (.masks.json and .mask_values.txt)", self)
+        self.save_masks.setObjectName("saveMasksCheck")
+        self.save_masks.setChecked(True)
+        self.save_report = QCheckBox("Save a report next to it (.report.md and .report.json, with plots)", self)
+        self.save_report.setObjectName("saveReportCheck")
+        self.save_report.setChecked(True)
+        form.addRow("", self.save_masks)
+        form.addRow("", self.save_report)
+        self.body.addLayout(form)
+        self.plan_label = rich(self, "", "exportPlan")
+        self.body.addWidget(self.plan_label)
+        self.export_button = QPushButton("Export repaired model", self)
+        self.export_button.setObjectName("exportButton")
+        self.export_button.clicked.connect(self.export)
+        h2 = QHBoxLayout()
+        h2.addWidget(self.export_button)
+        h2.addStretch(1)
+        self.body.addLayout(h2)
+        self.result = rich(self, "", "exportResult")
+        self.body.addWidget(self.result)
+        self.body.addStretch(1)
+        self._default_for = None
+
+    def ready(self) -> bool:
+        return self.session.plan is not None
+
+    def set_busy(self, busy: bool) -> None:
+        for w in (self.output, self.browse_button, self.export_button, self.save_masks, self.save_report):
+            w.setEnabled(not busy)
+
+    def refresh(self) -> None:
+        s = self.session
+        src = s.model_path
+        if src is not None and self._default_for != src:
+            self._default_for = src
+            folder = Path(self.settings.get("folders/export", "") or src.parent)
+            folder = folder if folder.is_dir() else src.parent
+            self.output.setText(str(folder / f"{src.stem}_repaired.onnx"))
+        if s.plan is None:
+            self.plan_label.setText("<i>Choose what to prune at the Prune step first.</i>")
+        else:
+            self.plan_label.setText(f"Will prune <b>{s.plan.count} of {s.plan.total} neurons</b> "
+                                    f"({esc(s.plan.spec.describe())}); masks: {esc(s.masks_source)}.")
+        if s.export is None:
+            self.result.setText("")
+
+    def browse(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the repaired model", self.output.text(),
+                                              "ONNX models (*.onnx)")
+        if path:
+            self.output.setText(path if path.endswith(".onnx") else path + ".onnx")
+
+    def export(self) -> None:
+        s = self.session
+        text = self.output.text().strip()
+        if s.plan is None or self.win.runner.busy:
+            return
+        if not text:
+            self.win.error("No output file", "choose where to save the repaired model")
+            return
+        out = Path(text).expanduser()
+        if not out.is_absolute():
+            out = s.model_path.parent / out
+        replace_input = out.resolve() == s.model_path.resolve()
+        masks_json = default_masks_path(out)
+        extras = ([masks_json, mask_values_path(masks_json)] if self.save_masks.isChecked() else []) + \
+            (list(report_paths(out).values()) if self.save_report.isChecked() else [])
+        if replace_input:
+            if len(s.repairer.model.external_tensors):
+                self.win.error("Cannot replace the input", "the input model keeps its weights in a separate data "
+                               "file; save the repaired model under a new name")
+                return
+            if not confirm(self, "Replace the original model?",
+                           f"{out.name} is the model you opened. Replacing it loses the original (backdoored) "
+                           "model for good. Replace it with the repaired model?", yes="Replace original"):
+                self.win.log.note("export cancelled: the input model was not replaced")
+                return
+        existing = [p for p in [out, *extras] if p.exists() and not (replace_input and p == out)]
+        if existing and not confirm(self, "Replace existing files?",
+                                    "These files exist and will be replaced:\n" +
+                                    "\n".join(str(p) for p in existing), yes="Replace"):
+            return
+        self.settings.remember_folder("export", out)
+        self.result.setText("exporting and verifying…")
+        self.win.runner.start("Export", self._job(out, replace_input, bool(existing), extras),
+                              on_success=self._done, on_failure=self._failed)
+
+    def _job(self, out: Path, replace_input: bool, overwrite: bool, extras: list):
+        s = self.session
+        rep, plan, masks, mean_masks, curve = s.repairer, s.plan, s.masks, s.mean_masks, s.curve
+        test, poisoned, target, holdout, verify = s.test, s.poisoned, s.target, s.holdout, s.train
+        save_masks, save_report = self.save_masks.isChecked(), self.save_report.isChecked()
+        ran = s.mask_result
+        config = self.win.run_page.run_config if ran is not None else None
+        meta = {"data": verify.source} if verify is not None else {}
+        if config is not None:
+            meta["anp"] = config.to_dict()
+        parity = s.data_parity if s.data_parity is not None else s.random_parity
+        source = s.masks_source
+
+        def job(progress, cancel):
+            start = time.perf_counter()
+            target_path = out.with_name(f".{out.stem}.anp_onnx_tmp.onnx") if replace_input else out
+            result = rep.export(plan, target_path, overwrite=overwrite or replace_input, verify_images=verify,
+                                metadata=meta)
+            if replace_input:
+                os.replace(target_path, out)
+                result = anp_onnx.ExportResult(out, [out], result.changed_initializers, result.max_abs_diff)
+            outcome = ExportOutcome(result, list(result.files))
+            if save_masks:
+                extra = {"preprocessing": rep.preprocessing.to_dict(), "masks": source}
+                if config is not None:
+                    extra["config"] = config.to_dict()
+                outcome.files += rep.save_masks(masks, default_masks_path(out), extra, mean_masks=mean_masks)
+            written = anp_onnx.load_model(out, layout=rep.model.input.layout)
+            if test is not None or poisoned is not None:
+                outcome.before = rep.evaluate(test, poisoned=poisoned, target=target)
+                outcome.after = rep.evaluate(test, poisoned=poisoned, target=outcome.before.target, model=written)
+            if holdout is not None:
+                outcome.holdout_before = rep.evaluate(holdout)
+                outcome.holdout_after = rep.evaluate(holdout, model=written)
+            if save_report:
+                optimisation = ran or anp_onnx.MaskResult(masks, 0, 0.0, f"none: masks {source}")
+                report = RepairResult(
+                    out, masks, plan, rep.layers, config or anp_onnx.ANPConfig(), rep.preprocessing, optimisation,
+                    result, parity or 0.0, outcome.before, outcome.after, outcome.holdout_before,
+                    outcome.holdout_after, list(outcome.files), time.perf_counter() - start, curve)
+                outcome.files += write_report(report)
+            return outcome
+
+        return job
+
+    def _done(self, outcome: ExportOutcome) -> None:
+        self.session.export = outcome.export
+        diff = outcome.export.max_abs_diff
+        text = (f"<p><b style='color:#1a7f37'>PASSED</b>: {esc(outcome.export.path)} was written, checked by onnx "
+                f"and verified in onnxruntime: it gives the outputs of the pruned model (largest difference "
+                f"{diff:.1e}).</p>")
+        rows = []
+        hb, ha, b, a = outcome.holdout_before, outcome.holdout_after, outcome.before, outcome.after
+        if hb is not None and ha is not None:
+            rows.append((f"held-out clean accuracy ({hb.n_clean} images)", hb.accuracy, ha.accuracy))
+        if b is not None and a is not None and b.accuracy is not None:
+            rows.append((f"test accuracy ({b.n_clean} images)", b.accuracy, a.accuracy))
+        if b is not None and a is not None and b.asr is not None:
+            guess = ", guessed" if b.target_inferred else ""
+            rows.append((f"attack success rate (target {b.target}{guess}; {b.n_poisoned} images)", b.asr, a.asr))
+        if rows:
+            text += "<table cellspacing='6'><tr><th></th><th>before</th><th>after</th></tr>" + "".join(
+                f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
+                for name, x, y in rows) + "</table>"
+        text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in outcome.files) + "</ul>"
+        self.result.setText(text)
+        self.win.log.note(f"exported {outcome.export.path}")
+        self.exportFinished.emit("done")
+
+    def _failed(self, failure) -> None:
+        self.result.setText(f"<span style='color:#b00020'><b>Export failed:</b> {esc(failure.message)}</span> "
+                            "Nothing was left half-written.")
+        self.exportFinished.emit("failed")

@@ -1,0 +1,289 @@
+"""Step 5: choose how many neurons to prune, guided by the pruning curve and the lowest masks."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QComboBox, QDoubleSpinBox, QHBoxLayout, QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QVBoxLayout,
+    QWidget,
+)
+
+import anp_onnx
+from anp_onnx import PruneSpec
+from anp_onnx.prune import rank_neurons
+
+from ..plots import PruningCurvePlot
+from .base import Page, esc, pct, rich
+from .widgets import NeuronTable
+
+THRESHOLD_STEPS = 1000
+REFERENCE = PruneSpec.threshold(0.2)  # the ANP reference code's choice, used until the curve is there
+
+
+class PrunePage(Page):
+    title = "5. Prune"
+    subtitle = "Neurons with the lowest masks are pruned (switched off). The automatic choice prunes as many as " \
+               "it can while clean accuracy stays within a budget; the slider lets you choose yourself."
+
+    curveFinished = Signal(str)  # "done", "cancelled" or "failed"
+
+    def __init__(self, window) -> None:
+        super().__init__(window)
+        self._syncing = False
+        self._touched = False
+        self._masks = None
+        self._ranked: list = []
+        row = QHBoxLayout()
+        self.mode = QComboBox(self)
+        self.mode.setObjectName("pruneMode")
+        self.mode.addItem("Automatic", "auto")
+        self.mode.addItem("Number of neurons", "count")
+        self.mode.addItem("Mask threshold", "threshold")
+        self.mode.currentIndexChanged.connect(lambda: self._mode_changed(touched=True))
+        self.slider = QSlider(Qt.Orientation.Horizontal, self)
+        self.slider.setObjectName("pruneSlider")
+        self.slider.valueChanged.connect(lambda v: self._value_set(v))
+        self.count = QSpinBox(self)
+        self.count.setObjectName("pruneCount")
+        self.count.valueChanged.connect(lambda v: self._value_set(v))
+        self.threshold = QDoubleSpinBox(self)
+        self.threshold.setObjectName("pruneThreshold")
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setDecimals(3)
+        self.threshold.setSingleStep(0.01)
+        self.threshold.setToolTip("Prune every neuron whose mask is at or below this value (reference: 0.2).")
+        self.threshold.valueChanged.connect(lambda v: self._value_set(round(v * THRESHOLD_STEPS)))
+        self.budget = QDoubleSpinBox(self)
+        self.budget.setObjectName("maxDrop")
+        self.budget.setRange(0.0, 50.0)
+        self.budget.setDecimals(1)
+        self.budget.setSingleStep(0.5)
+        self.budget.setPrefix("accuracy may drop ")
+        self.budget.setSuffix(" points")
+        self.budget.setValue(float(self.settings.get("prune/max_drop", 2.0)))
+        self.budget.setToolTip("The automatic choice prunes as many neurons as it can while clean accuracy on "
+                               "held-out images stays within this many percentage points of the original model's.")
+        self.budget.editingFinished.connect(self._budget_changed)
+        self.auto = QPushButton("Use automatic choice", self)
+        self.auto.setObjectName("autoButton")
+        self.auto.clicked.connect(self.use_automatic)
+        for w, stretch in ((self.mode, 0), (self.slider, 1), (self.count, 0), (self.threshold, 0), (self.budget, 0),
+                           (self.auto, 0)):
+            row.addWidget(w, stretch)
+        self.body.addLayout(row)
+        self.summary = rich(self, "", "pruneSummary")
+        self.body.addWidget(self.summary)
+
+        split = QSplitter(Qt.Orientation.Horizontal, self)
+        left = QWidget(split)
+        lv = QVBoxLayout(left)
+        lv.setContentsMargins(0, 0, 0, 0)
+        self.plot = PruningCurvePlot(left)
+        lv.addWidget(self.plot, 1)
+        crow = QHBoxLayout()
+        self.curve_button = QPushButton("Compute curve", left)
+        self.curve_button.setObjectName("curveButton")
+        self.curve_button.clicked.connect(self.compute_curve)
+        self.curve_progress = QProgressBar(left)
+        self.curve_progress.setObjectName("curveProgress")
+        crow.addWidget(self.curve_button)
+        crow.addWidget(self.curve_progress, 1)
+        lv.addLayout(crow)
+        self.curve_info = rich(left, "", "curveInfo")
+        lv.addWidget(self.curve_info)
+        self.neurons = NeuronTable(split)
+        self.table = self.neurons.table
+        split.addWidget(left)
+        split.addWidget(self.neurons)
+        split.setSizes([560, 440])
+        self.body.addWidget(split, 1)
+        self._mode_changed()
+
+    def ready(self) -> bool:
+        return self.session.masks is not None
+
+    def set_busy(self, busy: bool) -> None:
+        for w in (self.mode, self.count, self.threshold, self.budget, self.auto, self.curve_button,
+                  self.neurons.layer_filter):
+            w.setEnabled(not busy)
+        self.slider.setEnabled(not busy and self.mode.currentData() != "auto")
+        self.auto.setEnabled(not busy and self.session.curve is not None)
+
+    # -- masks and selection ------------------------------------------------------------------
+    def refresh(self) -> None:
+        s = self.session
+        if s.masks is not self._masks:
+            self._masks = s.masks
+            self._touched = False
+            self._ranked = rank_neurons(s.masks, s.mean_masks) if s.masks is not None else []
+            self.neurons.set_neurons(self._ranked, list(s.masks or {}))
+            self.count.setRange(0, len(self._ranked))
+            if s.masks is not None:
+                self.set_spec(REFERENCE, touched=False)
+            else:
+                self.neurons.set_plan(None)
+                self.summary.setText("")
+        if s.curve is None:
+            self.curve_progress.setRange(0, 1)
+            self.curve_progress.setValue(0)
+            self.plot.placeholder("The pruning curve appears here once it is computed" if s.masks is not None
+                                  else "Run ANP (or load masks) first")
+            if not self.win.runner.busy:
+                self.curve_info.setText(self._curve_hint())
+            if self.mode.currentData() == "auto" and s.masks is not None:
+                self.set_spec(REFERENCE, touched=False)
+        self.set_busy(self.win.runner.busy)
+
+    def _curve_hint(self) -> str:
+        if self.session.curve_set()[0] is None:
+            return "<i>Load clean images (Data step) to compute the pruning curve and the automatic choice.</i>"
+        return "<i>The curve measures clean accuracy (and ASR with a triggered set) as more neurons are pruned.</i>"
+
+    def activated(self) -> None:
+        """The page was opened: compute the curve when there is none yet."""
+        s = self.session
+        if s.masks is not None and s.curve is None and not self.win.runner.busy and s.curve_set()[0] is not None:
+            self.compute_curve()
+
+    def _mode_changed(self, touched: bool = False) -> None:
+        mode = self.mode.currentData()
+        self.count.setVisible(mode == "count")
+        self.threshold.setVisible(mode == "threshold")
+        self.budget.setVisible(mode == "auto")
+        self._syncing = True
+        self.slider.setRange(0, THRESHOLD_STEPS if mode == "threshold" else len(self._ranked))
+        self._syncing = False
+        self.set_busy(self.win.runner.busy)
+        plan = self.session.plan
+        if self.session.masks is None:
+            return
+        if mode == "auto":
+            if self.session.curve is None:
+                self.summary.setText("The automatic choice needs the pruning curve: click <b>Compute curve</b>.")
+            else:
+                self._apply(PruneSpec.auto(self.budget.value() / 100), touched)
+        elif plan is not None:
+            value = plan.count if mode == "count" else round(self._threshold_for(plan.count) * THRESHOLD_STEPS)
+            self._value_set(value, touched)
+
+    def _threshold_for(self, count: int) -> float:
+        return float(self._ranked[count - 1].mask) if count and self._ranked else 0.0
+
+    def _show_value(self, value: int) -> None:
+        self._syncing = True
+        try:
+            self.slider.setValue(value)
+            self.count.setValue(value)
+            self.threshold.setValue(value / THRESHOLD_STEPS)
+        finally:
+            self._syncing = False
+
+    def _value_set(self, value: int, touched: bool = True) -> None:
+        mode = self.mode.currentData()
+        if self._syncing or self.session.masks is None or mode == "auto":
+            return
+        self._show_value(value)
+        spec = PruneSpec.count(int(value)) if mode == "count" else PruneSpec.threshold(value / THRESHOLD_STEPS)
+        self._apply(spec, touched)
+
+    def set_spec(self, spec: PruneSpec, touched: bool = True) -> None:
+        """Select ``spec`` (auto, count or threshold) in the widgets."""
+        mode = "count" if spec.mode == "fraction" else spec.mode
+        if spec.mode == "auto":
+            self.budget.setValue(100 * spec.value)
+        self.mode.blockSignals(True)
+        self.mode.setCurrentIndex(self.mode.findData(mode))
+        self.mode.blockSignals(False)
+        self._mode_changed()
+        if mode == "threshold":
+            self._value_set(round(spec.value * THRESHOLD_STEPS), touched)
+        elif mode == "count":
+            value = int(spec.value) if spec.mode == "count" else int(spec.value * len(self._ranked))
+            self._value_set(value, touched)
+
+    def _apply(self, spec: PruneSpec, touched: bool = True) -> None:
+        s = self.session
+        self._touched = self._touched or touched
+        try:
+            plan = s.repairer.plan(s.masks, spec, tiebreak=s.mean_masks, curve=s.curve)
+        except anp_onnx.AnpOnnxError as exc:
+            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            return
+        s.plan, s.export = plan, None
+        if spec.mode == "auto":
+            self._show_value(plan.count)
+        share = plan.count / plan.total if plan.total else 0
+        layers = sum(1 for v in plan.pruned.values() if len(v))
+        text = (f"Pruning <b>{plan.count} of {plan.total} neurons</b> ({share:.1%}) in {layers} layer(s): "
+                f"{esc(spec.describe())}")
+        if plan.count:
+            text += f"; highest pruned mask {self._threshold_for(plan.count):.3f}"
+        if s.curve is not None and s.curve.points:
+            point = s.curve.at(plan.count)
+            near = "at" if point.count == plan.count else "near"
+            text += (f". Curve {near} {point.count}: clean accuracy <b>{pct(point.accuracy)}</b>"
+                     + (f", attack success rate <b>{pct(point.asr)}</b>" if point.asr is not None else ""))
+        self.summary.setText(text + ".")
+        self.plot.mark(plan.count)
+        self.neurons.set_plan(plan)
+        self.win.plan_changed()
+
+    def use_automatic(self) -> None:
+        if self.session.curve is not None:
+            self.set_spec(PruneSpec.auto(self.budget.value() / 100), touched=False)
+
+    def _budget_changed(self) -> None:
+        self.settings.set("prune/max_drop", self.budget.value())
+        curve = self.session.curve
+        if curve is not None and abs(curve.max_drop - self.budget.value() / 100) > 1e-9:
+            self.compute_curve()
+
+    # -- the pruning curve ----------------------------------------------------------------------
+    def compute_curve(self) -> None:
+        s = self.session
+        clean, where = s.curve_set()
+        if s.masks is None or clean is None or self.win.runner.busy:
+            return
+        rep, masks, tiebreak, poisoned, target = s.repairer, s.masks, s.mean_masks, s.poisoned, s.target
+        max_drop = self.budget.value() / 100
+        device = self.win.settings_page.config().device
+        self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
+        self.curve_progress.setRange(0, 0)
+
+        def job(progress, cancel):
+            return rep.pruning_curve(masks, clean, tiebreak=tiebreak, poisoned=poisoned, target=target,
+                                     max_drop=max_drop, device=device, progress=progress, cancel=cancel)
+
+        self.win.runner.start("Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
+                              on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
+                              on_cancel=lambda: self._curve_stopped("cancelled"))
+
+    def _curve_progress(self, event: anp_onnx.ProgressEvent) -> None:
+        self.curve_progress.setRange(0, event.total)
+        self.curve_progress.setValue(event.step)
+
+    def _curve_stopped(self, state: str) -> None:
+        self.curve_progress.setRange(0, 1)
+        self.curve_progress.setValue(0)
+        self.curve_info.setText(f"curve {state}")
+        self.curveFinished.emit(state)
+
+    def _curve_done(self, curve, where: str) -> None:
+        s = self.session
+        self.curve_progress.setRange(0, 1)
+        self.curve_progress.setValue(1)
+        s.curve, s.curve_where = curve, where
+        self.plot.show_curve(curve.points, curve.chosen, len(self._ranked), baseline=curve.baseline,
+                             max_drop=curve.max_drop)
+        chosen = curve.chosen
+        self.curve_info.setText(
+            f"Accuracy measured on {esc(where)}; unpruned: {pct(curve.baseline)}. Automatic choice: "
+            f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), the most that keeps clean accuracy "
+            f"within {100 * curve.max_drop:g} points: {pct(chosen.accuracy)}"
+            + (f", attack success rate {pct(chosen.asr)}" if chosen.asr is not None else "") + ".")
+        if self._touched and s.plan is not None:
+            self._apply(s.plan.spec, touched=False)  # keep the user's choice, now with curve figures
+        else:
+            self.use_automatic()
+        self.set_busy(self.win.runner.busy)
+        self.curveFinished.emit("done")

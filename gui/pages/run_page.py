@@ -1,0 +1,237 @@
+"""Step 4: run the ANP optimisation in the background, with live plots and a working Cancel."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QSplitter
+
+import anp_onnx
+from anp_onnx import PruneSpec
+
+from ..plots import LossPlot, MaskHistogram
+from .base import Page, esc, rich
+
+REDRAW_SECONDS = 0.5  # live plots: at most two redraws a second
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class RunPage(Page):
+    title = "4. Run"
+    subtitle = "ANP learns a mask value for every neuron: neurons the backdoor depends on get low values. " \
+               "You can cancel at any time; nothing is written until the Export step."
+
+    runFinished = Signal(str)  # "done", "cancelled" or "failed"
+
+    def __init__(self, window) -> None:
+        super().__init__(window)
+        self.state = "idle"
+        self.run_config = None
+        self.summary = rich(self, "", "runSummary")
+        self.body.addWidget(self.summary)
+        row = QHBoxLayout()
+        self.start_button = QPushButton("Start ANP", self)
+        self.start_button.setObjectName("startButton")
+        self.start_button.clicked.connect(self.start)
+        self.cancel_button = QPushButton("Cancel", self)
+        self.cancel_button.setObjectName("cancelButton")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar(self)
+        self.progress.setObjectName("runProgress")
+        self.progress.setFormat("%p%")
+        self.eta = rich(self, "", "etaLabel")
+        self.load_button = QPushButton("Load masks…", self)
+        self.load_button.setObjectName("loadMasksButton")
+        self.load_button.setToolTip("Use masks saved earlier (masks JSON or the reference mask_values.txt) "
+                                    "instead of running ANP again.")
+        self.load_button.clicked.connect(self.browse_masks)
+        self.save_button = QPushButton("Save masks…", self)
+        self.save_button.setObjectName("saveMasksButton")
+        self.save_button.clicked.connect(self.browse_save_masks)
+        for w in (self.start_button, self.cancel_button):
+            row.addWidget(w)
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.load_button)
+        row.addWidget(self.save_button)
+        self.body.addLayout(row)
+        self.body.addWidget(self.eta)
+        self.result = rich(self, "", "runResult")
+        self.body.addWidget(self.result)
+        split = QSplitter(self)
+        self.loss_plot = LossPlot(split)
+        self.mask_plot = MaskHistogram(split)
+        split.addWidget(self.loss_plot)
+        split.addWidget(self.mask_plot)
+        self.body.addWidget(split, 1)
+        self._started = 0.0
+        self._drawn = 0.0
+        self.refresh()
+
+    def ready(self) -> bool:
+        return self.win.data_page.ready()
+
+    def set_busy(self, busy: bool) -> None:
+        running = self.state == "running"
+        self.start_button.setEnabled(not busy and self.session.train is not None)
+        self.cancel_button.setEnabled(busy and running)
+        self.load_button.setEnabled(not busy and self.session.repairer is not None)
+        self.save_button.setEnabled(not busy and self.session.masks is not None)
+
+    def refresh(self) -> None:
+        s = self.session
+        try:
+            config = self.win.settings_page.config()
+        except anp_onnx.AnpOnnxError as exc:
+            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            return
+        try:
+            config = config.resolve()
+        except anp_onnx.AnpOnnxError as exc:
+            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            return
+        if s.train is None:
+            self.summary.setText("<i>Load clean images at the Data step first (or load saved masks).</i>")
+        else:
+            neurons = s.info.neurons
+            self.summary.setText(
+                f"Ready: <b>{len(s.train)} clean images</b>, <b>{neurons.total} neurons</b> in "
+                f"{len(neurons.layers)} layers, <b>{config.iterations} iterations</b> of {config.batch_size} "
+                f"images (eps {config.eps:g}, alpha {config.alpha:g}) on <b>{esc(config.device)}</b>.")
+        if s.masks is None and self.state not in ("running", "cancelling", "cancelled", "failed"):
+            self.result.setText("")
+        self.set_busy(self.win.runner.busy)
+
+    # -- running --------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.session
+        if s.train is None or self.win.runner.busy:
+            return
+        try:
+            config = self.win.settings_page.config().resolve()
+        except anp_onnx.AnpOnnxError as exc:
+            self.win.error("Cannot start", str(exc))
+            return
+        rep, train = s.repairer, s.train
+        self.run_config = config
+        s.reset_from("masks")
+        self.win.session_changed()
+        self.state = "running"
+        self.progress.setRange(0, config.iterations)
+        self.progress.setValue(0)
+        self.eta.setText("Starting…")
+        self.result.setText("")
+        self.loss_plot.reset(config.iterations)
+        self._started = time.perf_counter()
+        self._drawn = 0.0
+        self.win.runner.start(
+            "ANP optimisation", lambda progress, cancel: rep.optimize(train, config, progress=progress, cancel=cancel),
+            on_success=self._done, on_progress=self._progress, on_cancel=self._cancelled, on_failure=self._failed)
+        self.set_busy(True)
+
+    def cancel(self) -> None:
+        if self.state == "running":
+            self.state = "cancelling"
+            self.eta.setText("Cancelling…")
+            self.cancel_button.setEnabled(False)
+            self.win.runner.cancel()
+
+    def _progress(self, event: anp_onnx.ProgressEvent) -> None:
+        if event.stage != "optimise" or self.state != "running":
+            return
+        self.progress.setValue(event.step)
+        elapsed = time.perf_counter() - self._started
+        left = elapsed / event.step * (event.total - event.step) if event.step else 0
+        self.eta.setText(f"Iteration {event.step:,} of {event.total:,} · {duration(elapsed)} elapsed · "
+                         f"<b>about {duration(left)} left</b>")
+        self.loss_plot.add(event.step, event.metrics)
+        now = time.perf_counter()
+        if self.isVisible() and (now - self._drawn >= REDRAW_SECONDS or event.step == event.total):
+            self.loss_plot.redraw()
+            if event.payload and "masks" in event.payload:
+                self.mask_plot.show_masks(event.payload["masks"], step=event.step)
+            self._drawn = time.perf_counter()
+
+    def _done(self, result: anp_onnx.MaskResult) -> None:
+        self.state = "done"
+        self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks)
+        self.progress.setValue(self.progress.maximum())
+        self.eta.setText(f"Finished {result.iterations:,} iterations in {duration(result.seconds)}.")
+        self.loss_plot.set_history(result.history)
+        self.runFinished.emit("done")
+
+    def _cancelled(self) -> None:
+        self.state = "cancelled"
+        self.eta.setText("Cancelled.")
+        self.result.setText("<b>Cancelled.</b> The masks of the stopped run were discarded; nothing was written.")
+        self.set_busy(False)
+        self.runFinished.emit("cancelled")
+
+    def _failed(self, failure) -> None:
+        self.state = "failed"
+        self.eta.setText("Failed.")
+        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>")
+        self.set_busy(False)
+        self.runFinished.emit("failed")
+
+    def use_masks(self, masks: dict, source: str, result=None, mean_masks=None) -> None:
+        s = self.session
+        s.reset_from("masks")
+        s.masks, s.mask_result, s.masks_source = masks, result, source
+        s.mean_masks = dict(mean_masks) if mean_masks else None
+        values = [float(v) for m in masks.values() for v in m]
+        low = sum(v <= 0.2 for v in values)
+        seconds = f" in {duration(result.seconds)} on {esc(result.device)}" if result is not None else ""
+        self.result.setText(f"<b>Masks ready</b> ({esc(source)}{seconds}): {low} of {len(values)} neurons have a "
+                            f"mask of 0.2 or less. Continue with <b>Prune</b>.")
+        self.mask_plot.show_masks(masks, threshold=0.2)
+        self.win.session_changed()
+
+    # -- mask files -----------------------------------------------------------------------------
+    def browse_masks(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load masks", self.settings.last_folder("masks"),
+                                              "Masks (*.json *.txt);;All files (*)")
+        if path:
+            self.load_masks(path)
+
+    def load_masks(self, path: str) -> None:
+        rep = self.session.repairer
+        try:
+            masks, facts = anp_onnx.load_masks(path)
+            rep.plan(masks, PruneSpec.count(0))  # checks that they fit this model
+        except anp_onnx.AnpOnnxError as exc:
+            self.win.error("Cannot use these masks", str(exc))
+            return
+        self.settings.remember_folder("masks", path)
+        self.state = "idle"
+        self.loss_plot.reset()
+        self.use_masks(dict(masks), f"loaded from {Path(path).name}", mean_masks=facts.get("mean_masks"))
+
+    def browse_save_masks(self) -> None:
+        s = self.session
+        start = str(Path(self.settings.last_folder("masks")) / (s.model_path.stem + ".masks.json"))
+        path, _ = QFileDialog.getSaveFileName(self, "Save masks", start, "Masks JSON (*.json)")
+        if path:
+            self.save_masks(path)
+
+    def save_masks(self, path: str) -> list[Path]:
+        s = self.session
+        extra = {"preprocessing": s.repairer.preprocessing.to_dict()}
+        if s.mask_result is not None and self.run_config is not None:
+            extra["config"] = self.run_config.to_dict()
+        try:
+            files = s.repairer.save_masks(s.masks, path, extra, mean_masks=s.mean_masks)
+        except (OSError, anp_onnx.AnpOnnxError) as exc:
+            self.win.error("Cannot save the masks", str(exc))
+            return []
+        self.settings.remember_folder("masks", path)
+        self.win.log.note("saved masks: " + ", ".join(str(f) for f in files))
+        return files

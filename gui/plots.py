@@ -1,0 +1,189 @@
+"""Matplotlib canvases (Qt backend): ANP losses, mask distribution, and the pruning curve."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from PySide6.QtWidgets import QSizePolicy, QWidget
+
+_BLUE, _ORANGE, _GREEN, _RED, _GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
+
+
+class PlotCanvas(FigureCanvasQTAgg):
+    """A figure with one axes, no pyplot state involved.
+
+    Live plots use fixed margins (``margins``): a layout engine would cost more than the drawing itself.
+    """
+
+    def __init__(self, parent: Optional[QWidget] = None, *, width: float = 5.0, height: float = 3.0,
+                 margins: Optional[dict] = None) -> None:
+        self.figure = Figure(figsize=(width, height), dpi=90, layout=None if margins else "constrained")
+        if margins:
+            self.figure.subplots_adjust(**margins)
+        super().__init__(self.figure)
+        self.setParent(parent)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.setMinimumSize(260, 180)
+        self.ax = self.figure.add_subplot(1, 1, 1)
+        self.note = self.figure.text(0.5, 0.5, "", ha="center", va="center", color=_GREY, wrap=True)
+
+    def placeholder(self, text: str) -> None:
+        self.ax.clear()
+        self.ax.set_axis_off()
+        self.note.set_text(text)
+        self.draw_idle()
+
+    def _axes_on(self) -> None:
+        self.note.set_text("")
+        self.ax.set_axis_on()
+
+
+class LossPlot(PlotCanvas):
+    """ANP losses (clean and perturbed) and clean batch accuracy against the iteration.
+
+    Points are added with :meth:`add` (cheap) and shown with :meth:`redraw`, which only updates the
+    lines' data, so live updates stay fast.
+    """
+
+    KEYS = ("loss_nat", "loss_rob", "acc_nat")
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent, margins=dict(left=0.13, right=0.87, bottom=0.15, top=0.9))
+        self.acc_ax = self.ax.twinx()
+        self.lines = {
+            "loss_nat": self.ax.plot([], [], color=_BLUE, label="loss on clean images")[0],
+            "loss_rob": self.ax.plot([], [], color=_ORANGE, label="loss with perturbed neurons")[0],
+            "acc_nat": self.acc_ax.plot([], [], color=_GREEN, linestyle="--", label="clean accuracy (batch)")[0],
+        }
+        self.ax.set_xlabel("iteration")
+        self.ax.set_ylabel("cross-entropy loss")
+        self.ax.grid(True, alpha=0.3)
+        self.ax.set_title("Optimisation", fontsize="medium")
+        self.acc_ax.set_ylim(0, 1.02)
+        self.acc_ax.set_ylabel("accuracy")
+        self.ax.legend(list(self.lines.values()), [line.get_label() for line in self.lines.values()],
+                       loc="upper right", fontsize="small")
+        self.reset()
+
+    def placeholder(self, text: str) -> None:  # keep the axes: only hide them
+        self.ax.set_visible(False)
+        self.acc_ax.set_visible(False)
+        self.note.set_text(text)
+        self.draw_idle()
+
+    def reset(self, total: Optional[int] = None) -> None:
+        self.steps: list[int] = []
+        self.series: dict[str, list[float]] = {k: [] for k in self.KEYS}
+        self.total = total
+        self.placeholder("The losses appear here while ANP runs")
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.steps.append(step)
+        for key in self.KEYS:
+            self.series[key].append(float(metrics.get(key, np.nan)))
+
+    def set_history(self, history: dict, every: int = 10) -> None:
+        """Show a finished run's full history, averaged over windows of ``every`` iterations."""
+        n = len(history.get("loss_nat", []))
+        self.steps, self.series = [], {k: [] for k in self.KEYS}
+        for end in range(every, n + every, every):
+            end = min(end, n)
+            self.steps.append(end)
+            for key in self.KEYS:
+                values = history.get(key, [])[max(0, end - every):end]
+                self.series[key].append(float(np.mean(values)) if values else np.nan)
+        self.redraw()
+
+    def redraw(self) -> None:
+        if not self.steps:
+            return
+        self.note.set_text("")
+        self.ax.set_visible(True)
+        self.acc_ax.set_visible(True)
+        for key, line in self.lines.items():
+            line.set_data(self.steps, self.series[key])
+        self.ax.relim()
+        self.ax.autoscale_view()
+        self.ax.set_xlim(0, max(self.total or 0, self.steps[-1], 1))
+        self.draw_idle()
+
+
+class MaskHistogram(PlotCanvas):
+    """How many neurons have each mask value; low masks are the pruning candidates."""
+
+    BINS = np.linspace(0.0, 1.0, 21)
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent, margins=dict(left=0.13, right=0.96, bottom=0.15, top=0.9))
+        self.placeholder("The distribution of mask values appears here")
+
+    def show_masks(self, masks: dict, threshold: Optional[float] = None, step: Optional[int] = None) -> None:
+        values = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in masks.values()]) if masks else \
+            np.zeros(0, np.float32)
+        ax = self.ax
+        ax.clear()
+        self._axes_on()
+        counts, edges, patches = ax.hist(values, bins=self.BINS, color=_BLUE, edgecolor="white")
+        if threshold is not None:
+            for patch, left in zip(patches, edges[:-1]):
+                if left < threshold:
+                    patch.set_facecolor(_RED)
+            ax.axvline(threshold, color=_RED, linestyle="--", linewidth=1)
+        ax.set_yscale("log" if len(values) and counts.max() > 50 else "linear")
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("mask value (0 = neuron switched off, 1 = untouched)")
+        ax.set_ylabel("neurons")
+        title = f"Mask values of {len(values)} neurons"
+        ax.set_title(title + (f" (iteration {step})" if step else ""), fontsize="medium")
+        ax.grid(True, alpha=0.3)
+        self.draw_idle()
+
+
+class PruningCurvePlot(PlotCanvas):
+    """Clean accuracy (and ASR) against the number of pruned neurons, with the choices marked."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent, width=6.0, height=3.2)
+        self.current_line = None
+        self.placeholder("The pruning curve appears here once it is computed")
+
+    def show_curve(self, points: Sequence, chosen=None, total: Optional[int] = None, *,
+                   baseline: Optional[float] = None, max_drop: Optional[float] = None) -> None:
+        ax = self.ax
+        ax.clear()
+        self._axes_on()
+        counts = [p.count for p in points]
+        ax.plot(counts, [np.nan if p.accuracy is None else p.accuracy for p in points], marker="o", markersize=3,
+                color=_BLUE, label="clean accuracy")
+        asr = [p.asr for p in points]
+        if any(a is not None for a in asr):
+            ax.plot(counts, [np.nan if a is None else a for a in asr], marker="s", markersize=3, color=_RED,
+                    label="attack success rate")
+        if baseline is not None and max_drop is not None:
+            ax.axhline(baseline - max_drop, color=_BLUE, linestyle=":", linewidth=1,
+                       label=f"accuracy budget ({100 * max_drop:g} points)")
+        if chosen is not None:
+            ax.plot([chosen.count], [chosen.accuracy], marker="*", markersize=14, color=_GREEN, linestyle="none",
+                    label=f"automatic choice ({chosen.count})")
+            ax.axvline(chosen.count, color=_GREEN, linewidth=1, linestyle="--")
+        self.current_line = ax.axvline(0, color=_GREY, linewidth=1.5, visible=False, label="_your choice")
+        ax.set_ylim(-0.02, 1.05)
+        right = max(max(counts, default=1), 1)
+        ax.set_xlim(-0.02 * right, 1.03 * right)
+        ax.set_xlabel("neurons pruned (lowest masks first)" + (f", of {total}" if total else ""))
+        ax.set_ylabel("rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="center right", fontsize="small")
+        ax.set_title("Pruning curve", fontsize="medium")
+        self.draw_idle()
+
+    def mark(self, count: Optional[int]) -> None:
+        if self.current_line is None:
+            return
+        self.current_line.set_visible(count is not None)
+        if count is not None:
+            self.current_line.set_xdata([count, count])
+        self.draw_idle()

@@ -1,0 +1,345 @@
+"""The desktop app (gui/), driven with pytest-qt on the offscreen platform.
+
+The whole workflow on a tiny model (open -> data -> run -> prune -> export), cancelling a run,
+errors shown as dialogs (bad model, bad data, a bug), the confirmation before replacing the input,
+and the rule that the library never imports Qt.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import pytest  # noqa: E402
+from onnx import numpy_helper  # noqa: E402
+
+pytest.importorskip("PySide6")
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtGui import QDropEvent  # noqa: E402
+from PySide6.QtWidgets import QApplication, QMessageBox  # noqa: E402
+
+import anp_onnx  # noqa: E402
+from anp_onnx.data import save_npz  # noqa: E402
+from builders import random_images, tiny_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 30_000  # ms
+
+
+@pytest.fixture
+def settings(tmp_path) -> QSettings:
+    return QSettings(str(tmp_path / "settings" / "anp-onnx-gui.ini"), QSettings.Format.IniFormat)
+
+
+@pytest.fixture
+def win(qtbot, settings):
+    from gui.main_window import MainWindow
+
+    window = MainWindow(settings)
+    qtbot.addWidget(window)
+    window.show()
+    yield window
+    window.runner.wait(5000)
+    for box in window.errors:
+        box.close()
+    window.close()
+
+
+@pytest.fixture
+def files(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    model = tiny_model(work / "model.onnx")
+    save_npz(random_images(64, seed=1), work / "clean.npz")
+    return work, model, work / "clean.npz"
+
+
+def open_model(qtbot, win, path) -> None:
+    win.open_model(str(path))
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
+
+
+def load_clean(qtbot, win, path) -> None:
+    win.go_to("data")
+    win.data_page.load("clean", str(path))
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
+    assert win.session.train is not None
+
+
+def visible_errors(win) -> list[QMessageBox]:
+    return [box for box in win.errors if box.isVisible()]
+
+
+def zero_scales(path: Path) -> int:
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return int(sum((inits[n.input[1]] == 0).sum() for n in model.graph.node if n.op_type == "BatchNormalization"))
+
+
+def answer_next_dialog(qtbot, button_name: str) -> list[str]:
+    """Click ``button_name`` in the next modal dialog; returns the texts of the dialogs seen."""
+    seen: list[str] = []
+
+    def click() -> None:
+        box = QApplication.activeModalWidget()
+        if box is None:
+            QTimer.singleShot(20, click)
+            return
+        seen.append(box.text())
+        for button in box.buttons():
+            if button.objectName() == button_name:
+                button.click()
+                return
+        box.reject()
+
+    QTimer.singleShot(0, click)
+    return seen
+
+
+def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    info = win.session.info
+    assert info is not None and info.neurons.total == 24
+    summary = win.model_page.summary.text()
+    assert "24" in summary and "passed" in summary and "16×16" in summary
+    assert win.model_page.layers.rowCount() == 2
+
+    load_clean(qtbot, win, clean)
+    assert win.data_page.strips["clean"].count() > 0
+    assert win.session.data_parity is not None and win.session.data_parity < 1e-4
+
+    win.go_to("settings")
+    win.settings_page.set_values(iterations=7, eps=0.1)
+    qtbot.mouseClick(win.settings_page.defaults, Qt.MouseButton.LeftButton)
+    assert win.settings_page.config() == anp_onnx.ANPConfig()  # the reference defaults
+    win.settings_page.set_values(iterations=20, batch_size=16)
+    win.go_to("run")
+    with qtbot.waitSignal(win.run_page.runFinished, timeout=TIMEOUT) as finished:
+        qtbot.mouseClick(win.run_page.start_button, Qt.MouseButton.LeftButton)
+    assert finished.args == ["done"]
+    assert win.run_page.progress.value() == 20
+    masks = win.session.masks
+    assert set(masks) == {layer.name for layer in info.neurons.layers}
+    assert len(win.run_page.loss_plot.steps) >= 2
+
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT) as curve_done:
+        win.go_to("prune")  # opening the page computes the pruning curve
+    assert curve_done.args == ["done"]
+    curve = win.session.curve
+    assert len(curve.points) >= 2 and curve.points[0].count == 0 and curve.points[0].accuracy is not None
+    assert win.prune_page.mode.currentData() == "auto"  # the automatic choice is selected once known
+    assert win.session.plan.count == curve.chosen.count and win.prune_page.slider.value() == curve.chosen.count
+    win.prune_page.mode.setCurrentIndex(win.prune_page.mode.findData("count"))
+    win.prune_page.count.setValue(5)
+    assert win.session.plan.count == 5
+    assert win.prune_page.table.rowCount() == 24
+    assert [win.prune_page.table.item(r, 3).text() for r in range(6)] == ["yes"] * 5 + [""]
+
+    win.go_to("export")
+    out = work / "repaired.onnx"
+    win.export_page.output.setText(str(out))
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        qtbot.mouseClick(win.export_page.export_button, Qt.MouseButton.LeftButton)
+    assert exported.args == ["done"]
+    assert out.is_file() and "PASSED" in win.export_page.result.text()
+    assert win.session.export.max_abs_diff is not None and win.session.export.max_abs_diff < 1e-3
+    loaded = anp_onnx.load_model(out)
+    assert loaded.num_classes == 10
+    assert zero_scales(out) == 5 and zero_scales(model) == 0
+    assert (work / "repaired.masks.json").is_file() and (work / "repaired.mask_values.txt").is_file()
+    assert "5 of 24 neurons" in (work / "repaired.report.md").read_text()
+    assert (work / "repaired.report.json").is_file() and (work / "repaired.curve.png").is_file()
+    assert not visible_errors(win)
+    assert "conversion parity" in win.log.text.toPlainText()  # the library's log reaches the panel
+
+    # what is remembered for next time
+    from gui.main_window import MainWindow
+
+    settings.sync()
+    again = MainWindow(settings)
+    qtbot.addWidget(again)
+    assert again.settings.recent_files()[0] == str(model.resolve())
+    assert again.model_page.recent.count() == 1
+    assert again.settings_page.config().iterations == 20
+    assert again.settings.last_folder("data") == str(work)
+    again.close()
+
+
+def test_cancel_stops_within_a_second_and_writes_nothing(qtbot, win, files):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.settings_page.set_values(iterations=1_000_000, batch_size=16)
+    win.go_to("run")
+    before = sorted(work.rglob("*"))
+    win.run_page.start()
+    assert win.run_page.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: win.run_page.progress.value() >= 20, timeout=TIMEOUT)
+    start = time.perf_counter()
+    with qtbot.waitSignal(win.run_page.runFinished, timeout=2000) as finished:
+        qtbot.mouseClick(win.run_page.cancel_button, Qt.MouseButton.LeftButton)
+    assert time.perf_counter() - start < 1.5
+    assert finished.args == ["cancelled"]
+    assert win.run_page.state == "cancelled" and win.session.masks is None
+    assert not win.prune_page.ready() and not win.runner.busy
+    assert win.run_page.start_button.isEnabled() and not win.run_page.cancel_button.isEnabled()
+    assert sorted(work.rglob("*")) == before
+    assert not visible_errors(win)
+
+
+def test_bad_model_file_gives_a_dialog_and_the_window_stays_usable(qtbot, win, files, tmp_path, monkeypatch):
+    work, model, _ = files
+    bad = tmp_path / "x.onnx"
+    bad.write_text("this is not an ONNX model\n")
+    open_model(qtbot, win, bad)
+    errors = visible_errors(win)
+    assert len(errors) == 1 and errors[0].objectName() == "errorDialog"
+    assert "x.onnx" in errors[0].text() and "Traceback" in errors[0].detailedText()
+    assert win.session.repairer is None
+    errors[0].close()
+
+    # a bug (not the user's fault) also ends in a dialog, with the traceback under the details
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(anp_onnx.Repairer, "open", broken)
+    open_model(qtbot, win, model)
+    errors = visible_errors(win)
+    assert len(errors) == 1 and "unexpected error" in errors[0].text().lower() and "boom" in errors[0].detailedText()
+    errors[0].close()
+    monkeypatch.undo()
+
+    # still usable: drop the good model onto the window
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(model))])
+    event = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    win.dropEvent(event)
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
+    assert win.session.info is not None and win.session.info.neurons.total == 24
+    assert win.data_page.ready()
+
+    # the Options: re-open with conv/linear output channels as the neurons
+    win.model_page.kinds.setCurrentIndex(win.model_page.kinds.findData("conv"))
+    qtbot.mouseClick(win.model_page.reopen, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
+    assert {layer.kind for layer in win.session.info.neurons.layers} == {"conv"}
+    assert not visible_errors(win)
+
+
+def test_bad_data_folder_gives_a_dialog(qtbot, win, files, tmp_path):
+    work, model, _ = files
+    folder = tmp_path / "data"
+    (folder / "0").mkdir(parents=True)
+    (folder / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    open_model(qtbot, win, model)
+    win.go_to("data")
+    win.data_page.load("clean", str(folder))
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
+    errors = visible_errors(win)
+    assert len(errors) == 1 and "broken.png" in errors[0].text()
+    assert win.session.clean is None and win.data_page.rows["clean"].edit.text() == ""
+    assert not win.run_page.start_button.isEnabled()
+
+    # an invalid custom preprocessing is explained next to the field, not a crash
+    win.data_page.set_preset("custom")
+    win.data_page.custom.setText("mean=oops")
+    win.data_page.custom.editingFinished.emit()
+    assert "invalid preprocessing" in win.data_page.pre_label.text()
+
+
+def test_saved_masks_and_export_over_the_input_needs_confirmation(qtbot, win, files, tmp_path):
+    work, model, _ = files
+    open_model(qtbot, win, model)
+    layers = win.session.info.neurons.layers
+    masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
+    win.run_page.use_masks(masks, "test masks")
+    saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
+    assert [p.name for p in saved] == ["m.masks.json", "m.mask_values.txt"]
+    win.run_page.use_masks({k: np.ones_like(v) for k, v in masks.items()}, "other")
+    win.run_page.load_masks(str(saved[0]))  # prune from saved masks, as `anp-onnx prune` does
+    assert all(np.allclose(win.session.masks[k], v, atol=1e-5) for k, v in masks.items())
+    assert win.prune_page.ready()
+    win.go_to("prune")
+    win.prune_page.set_spec(anp_onnx.PruneSpec.count(3))
+    assert win.session.plan.count == 3
+    win.go_to("export")
+    win.export_page.save_masks.setChecked(False)
+    win.export_page.save_report.setChecked(False)
+    win.export_page.output.setText(str(model))
+    original = model.read_bytes()
+    listing = sorted(work.iterdir())
+
+    seen = answer_next_dialog(qtbot, "confirmNo")
+    win.export_page.export()
+    assert seen and "model you opened" in seen[0]
+    assert not win.runner.busy
+    assert model.read_bytes() == original and sorted(work.iterdir()) == listing
+
+    seen = answer_next_dialog(qtbot, "confirmYes")
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        win.export_page.export()
+    assert exported.args == ["done"] and seen
+    assert zero_scales(model) == 3 and sorted(work.iterdir()) == listing
+    assert not visible_errors(win)
+
+
+def test_library_never_imports_qt():
+    code = (
+        "import importlib, pkgutil, sys, anp_onnx\n"
+        "for m in pkgutil.walk_packages(anp_onnx.__path__, 'anp_onnx.'):\n"
+        "    if not m.name.endswith('__main__'):\n"
+        "        importlib.import_module(m.name)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in "
+        "('PySide6', 'PySide2', 'PyQt5', 'PyQt6', 'shiboken6', 'gui')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    qt = re.compile(r"^\s*(import|from)\s+(PySide\d|PyQt\d|shiboken\d|gui)\b", re.MULTILINE)
+    offenders = [str(p) for p in (ROOT / "anp_onnx").rglob("*.py") if qt.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
+
+
+PUBLIC_MODULES = {"anp_onnx", "anp_onnx.api", "anp_onnx.errors", "anp_onnx.data", "anp_onnx.prune", "anp_onnx.anp",
+                  "anp_onnx.report"}
+
+
+def test_gui_uses_only_the_public_api():
+    problems = []
+    for path in (ROOT / "gui").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("anp_onnx"):
+                if node.module not in PUBLIC_MODULES or any(a.name.startswith("_") for a in node.names):
+                    problems.append(f"{path.name}: from {node.module} import ...")
+            elif isinstance(node, ast.Import):
+                problems += [f"{path.name}: import {a.name}" for a in node.names
+                             if a.name.startswith("anp_onnx") and a.name not in PUBLIC_MODULES]
+            elif isinstance(node, ast.Attribute) and re.match(r"_(?!_)", node.attr) and \
+                    isinstance(node.value, ast.Name) and node.value.id == "anp_onnx":
+                problems.append(f"{path.name}: anp_onnx.{node.attr}")
+    assert problems == []
+
+
+def test_entry_points():
+    run = subprocess.run([sys.executable, "-m", "gui", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=60)
+    assert run.returncode == 0 and "anp-onnx-gui" in run.stdout
+    from gui.app import main
+
+    assert callable(main)
