@@ -65,12 +65,12 @@ def _neuron_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pruning_options(p: argparse.ArgumentParser, auto_default: bool) -> None:
-    default = ("--auto: the largest pruning that keeps held-out clean accuracy within --max-drop"
+    default = ("--auto: prune in mask order until held-out clean accuracy first drops by more than --max-drop"
                if auto_default else "--threshold 0.2, the reference's choice")
     g = p.add_argument_group(f"pruning (one of; default {default})")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--auto", action="store_true",
-                   help="prune in mask order as far as clean accuracy allows (needs clean data)")
+                   help="prune in mask order until clean accuracy first drops by more than --max-drop (needs clean data)")
     x.add_argument("--threshold", type=float, help="prune every neuron with mask <= T (reference: 0.2)")
     x.add_argument("--count", type=int, help="prune the K neurons with the lowest masks")
     x.add_argument("--fraction", type=float, help="prune this fraction of all neurons, lowest masks first")

@@ -3,8 +3,8 @@
 Neurons are pruned in mask order (lowest first; among equal masks, the one whose mask was lower on
 average during the optimisation goes first, i.e. the one that fell earlier). The *pruning curve* is
 clean accuracy, measured on held-out clean images, against the number of neurons pruned; the
-*automatic choice* is the largest pruning whose accuracy drop stays within a budget (default 2
-points). A triggered set, when given, adds ASR to the curve for display; it never takes part in
+*automatic choice* prunes in that order until the accuracy drop first exceeds a budget (default
+2 points), and stops just before. A triggered set, when given, adds ASR to the curve for display; it never takes part in
 the choice.
 """
 
@@ -66,6 +66,20 @@ class PruningCurve:
 Evaluator = Callable[[Sequence[RankedNeuron]], tuple[float, Optional[float]]]
 
 
+def _first_crossing(measured: dict[int, CurvePoint], floor: float) -> int:
+    """The last count before accuracy first falls below ``floor`` (counts in increasing order).
+
+    Stopping at the first crossing, rather than taking the largest count anywhere above the floor,
+    keeps a noisy accuracy estimate from picking a lucky point far down the curve.
+    """
+    best = 0
+    for k in sorted(measured):
+        if measured[k].accuracy < floor:
+            break
+        best = k
+    return best
+
+
 def grid_counts(max_count: int, points: int = GRID_POINTS) -> list[int]:
     """Counts 0..max_count: every count when few, else ``points`` evenly spread."""
     if max_count <= points:
@@ -114,15 +128,13 @@ def compute_curve(
         below = below + 1 if p.accuracy < far else 0
         if below >= 3:
             break
-    ok = [k for k, p in measured.items() if p.accuracy >= floor_ok]
-    best = max(ok)
-    after = [k for k in grid if k > best]
+    best = _first_crossing(measured, floor_ok)
+    after = [k for k in sorted(measured) if k > best]
     if after and after[0] - best > 1:
         for k in range(best + 1, after[0]):
             point(k)
-        ok = [k for k, p in measured.items() if p.accuracy >= floor_ok]
-        best = max(ok)
+        best = _first_crossing(measured, floor_ok)
     points = [measured[k] for k in sorted(measured)]
-    rule = (f"largest pruning in mask order whose clean accuracy on {n_images} held-out images stays within "
-            f"{100 * max_drop:g} points of the unpruned model's")
+    rule = (f"pruning in mask order until clean accuracy on {n_images} held-out images first falls more than "
+            f"{100 * max_drop:g} points below the unpruned model's")
     return PruningCurve(points, baseline, measured[best], max_drop, n_images, total, rule, list(ranking))

@@ -3,7 +3,8 @@
     python benchmarks/quality.py                      # all sample models, default settings
     python benchmarks/quality.py --models ibau_badnets_vgg --iterations 2000 --eps 0.4
 
-Each model's card (sample_models/<model>.json) names its triggered test set and target class. The
+Each model's card (sample_models/<model>.json) names its trigger and target class; the triggered
+test set is made on the fly from the bundled clean test set with sample_models/triggers.py. The
 repair itself uses only the bundled clean set (sample_models/data/clean_500.npz); the triggered
 set is used for measuring ASR, never for a decision. Prints a Markdown table and writes the
 figures as JSON (default benchmarks/results/quality.json).
@@ -30,6 +31,16 @@ from anp_onnx.prune import PruneSpec  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 DATA = SAMPLES / "data"
+
+
+def make_triggered(name: str, source: Path, out: Path) -> None:
+    """The triggered test set: the bundled clean test images with the model's trigger, true labels."""
+    sys.path.insert(0, str(SAMPLES))
+    import numpy as np
+    from triggers import get_trigger
+
+    with np.load(source) as data:
+        np.savez_compressed(out, x=get_trigger(name)(data["x"]), y=data["y"])
 
 
 def cards(names: list[str] | None) -> list[dict]:
@@ -66,11 +77,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for card in cards(args.models):
             metrics = card["metrics"]["bundled_1k"]
+            trigger = Path(metrics["triggered_set"]).stem.removeprefix("test_")
+            poisoned = Path(tmp) / f"test_{trigger}.npz"
+            make_triggered(trigger, DATA / "test_clean.npz", poisoned)
             t0 = time.perf_counter()
             result = anp_onnx.repair(
                 SAMPLES / card["file"], DATA / "clean_500.npz", out=Path(tmp) / f"{card['name']}.onnx",
                 config=config, pruning=args.pruning, test_data=SAMPLES / metrics["clean_set"],
-                poisoned_data=SAMPLES / metrics["triggered_set"], target=card["attack"]["target_class"],
+                poisoned_data=poisoned, target=card["attack"]["target_class"],
                 report=False,
             )
             row = {

@@ -9,8 +9,10 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 MODEL=${MODEL:-sample_models/ibau_badnets_vgg.onnx}
-POISONED=${POISONED:-sample_models/data/test_ibau_badnets.npz}
+TRIGGER=${TRIGGER:-ibau_badnets}
 mkdir -p out
+# the triggered test set: the bundled clean test images with the model's trigger (true labels kept)
+python sample_models/triggers.py "$TRIGGER" sample_models/data/test_clean.npz "out/test_$TRIGGER.npz"
 exec anp-onnx repair "$MODEL" --data sample_models/data/clean_500.npz \
-    --test sample_models/data/test_clean.npz --poisoned "$POISONED" \
+    --test sample_models/data/test_clean.npz --poisoned "out/test_$TRIGGER.npz" \
     --out out/repaired.onnx --overwrite "$@"

@@ -48,8 +48,12 @@ def prepare(tmp: Path, tiny: bool, n_test: int) -> dict:
 
     if not tiny and SAMPLE_MODEL.is_file() and (SAMPLE_DATA / "clean_500_folder").is_dir():
         paths = {"model": SAMPLE_MODEL, "clean": SAMPLE_DATA / "clean_500_folder"}
-        for key, name in (("test", "test_clean.npz"), ("poisoned", "test_ibau_badnets.npz")):
-            images = anp_onnx.load_images(SAMPLE_DATA / name, size=None, channels=3)
+        sys.path.insert(0, str(ROOT / "sample_models"))
+        from triggers import main as make_triggered
+
+        make_triggered(["ibau_badnets", str(SAMPLE_DATA / "test_clean.npz"), str(tmp / "test_ibau_badnets.npz")])
+        for key, path in (("test", SAMPLE_DATA / "test_clean.npz"), ("poisoned", tmp / "test_ibau_badnets.npz")):
+            images = anp_onnx.load_images(path, size=None, channels=3)
             keep = np.random.default_rng(0).permutation(len(images))[:n_test]
             subset = images.subset(np.sort(keep))
             out = tmp / f"{key}_{n_test}.npz"

@@ -51,6 +51,13 @@ def test_budget_is_respected_and_sweep_stops_early():
     assert max(calls) < 500  # stopped once accuracy was far below the budget
 
 
+def test_choice_stops_at_the_first_crossing_not_a_lucky_later_point():
+    # a dip below the budget at 11..12, then a (noisy) recovery: the choice stops before the dip
+    acc = lambda k: 0.80 if (11 <= k <= 12 or k > 30) else 0.9  # noqa: E731
+    curve = compute_curve(_ranking(40), _evaluator(acc), n_images=100, max_drop=0.02)
+    assert curve.chosen.count == 10
+
+
 def test_nothing_pruned_when_every_pruning_hurts():
     curve = compute_curve(_ranking(50), _evaluator(lambda k: 0.9 if k == 0 else 0.1), n_images=10)
     assert curve.chosen.count == 0
