@@ -139,6 +139,7 @@ class Repairer:
         pre = preprocessing or preprocessing_from_metadata(model) or Preprocessing()
         self.net = ClassifierNet(converted.graph, model.input.layout, pre)
         self.parity: Optional[float] = None
+        self._sha256: Optional[str] = None
 
     @classmethod
     def open(cls, path: os.PathLike | str, *, layout: Optional[str] = None, **kwargs) -> "Repairer":
@@ -307,10 +308,13 @@ class Repairer:
         return evaluate(model or self.model, clean, self.preprocessing, poisoned=poisoned, target=target)
 
     def _model_facts(self) -> dict:
+        """Path and SHA-256 of the input file (hashed once)."""
         path = self.model.path
         if path is None:
             return {}
-        return {"path": str(path), "sha256": file_sha256(path)}
+        if self._sha256 is None:
+            self._sha256 = file_sha256(path)
+        return {"path": str(path), "sha256": self._sha256}
 
     def info(self) -> ModelInfo:
         m = self.model

@@ -286,11 +286,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     plan, export = prune(args.model, args.masks, out=args.out, pruning=_spec(args), layout=args.layout,
                          preprocessing=args.preprocess, overwrite=args.overwrite, verify_data=args.data)
-    sizes = {name: 0 for name in plan.pruned}
     print(f"Pruned {plan.count} of {plan.total} neurons ({plan.spec.describe()}):")
     rows = [[name, str(n)] for name, n in plan.per_layer().items() if n] + [["total", str(plan.count)]]
     print(_table(rows, ["layer", "pruned"]))
-    del sizes
     print(f"wrote {export.path}")
     print(f"PASSED: {export.path} verified in onnxruntime (max |diff| {export.max_abs_diff:.1e})")
     return 0

@@ -85,8 +85,14 @@ def main(argv=None) -> int:
                 SAMPLES / card["file"], DATA / "clean_500.npz", out=Path(tmp) / f"{card['name']}.onnx",
                 config=config, pruning=args.pruning, test_data=SAMPLES / metrics["clean_set"],
                 poisoned_data=poisoned, target=card["attack"]["target_class"],
-                report=False,
+                masks_out=Path(tmp) / f"{card['name']}.masks.json", report=False,
             )
+            # the reference's fixed threshold on the same masks (no new optimisation)
+            ref_plan, ref_export = anp_onnx.prune(
+                SAMPLES / card["file"], Path(tmp) / f"{card['name']}.masks.json",
+                out=Path(tmp) / f"{card['name']}_t02.onnx", pruning=PruneSpec.threshold(0.2))
+            ref = anp_onnx.evaluate_model(ref_export.path, SAMPLES / metrics["clean_set"], poisoned=poisoned,
+                                          target=card["attack"]["target_class"])
             row = {
                 "model": card["name"], "attack": card["attack"]["name"], "neurons": result.plan.total,
                 "acc_before": result.before.accuracy, "acc_after": result.after.accuracy,
@@ -94,16 +100,18 @@ def main(argv=None) -> int:
                 "pruned": result.plan.count, "pruning": result.plan.spec.describe(),
                 "iterations": result.optimisation.iterations, "seconds": round(time.perf_counter() - t0, 1),
                 "device": result.optimisation.device,
+                "ref_t02_pruned": ref_plan.count, "ref_t02_acc": ref.accuracy, "ref_t02_asr": ref.asr,
             }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    header = "| model | attack | ACC before → after | ASR before → after | neurons pruned | time |"
-    print(header)
-    print("|---|---|---|---|---|---|")
+    print("| model | attack | ACC before → after | ASR before → after | neurons pruned | time "
+          "| reference t=0.2: pruned, ACC, ASR |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['attack']} | {100 * r['acc_before']:.1f}% → {100 * r['acc_after']:.1f}% | "
               f"{100 * r['asr_before']:.1f}% → {100 * r['asr_after']:.1f}% | {r['pruned']} / {r['neurons']} | "
-              f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']}) |")
+              f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']}) | {r['ref_t02_pruned']}, "
+              f"{100 * r['ref_t02_acc']:.1f}%, {100 * r['ref_t02_asr']:.1f}% |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:])),
