@@ -137,7 +137,7 @@ class Repairer:
         converted = convert(model)
         self.modules = install_neurons(converted, self.neurons.layers)
         pre = preprocessing or preprocessing_from_metadata(model) or Preprocessing()
-        self.net = ClassifierNet(converted.graph, model.input.layout, pre)
+        self.net = ClassifierNet(converted.graph, model.input.layout, pre, converted.output_activation)
         self.parity: Optional[float] = None
         self._sha256: Optional[str] = None
 
@@ -291,7 +291,7 @@ class Repairer:
         self.apply_plan(plan)
         try:
             self.net.eval()
-            got = torch_logits(self.net, x)
+            got = self.net.to_model_output(torch_logits(self.net, x))
         finally:
             self.reset_masks()
         diff = float(np.max(np.abs(ref - got)))

@@ -34,10 +34,30 @@ PARITY_RTOL = 1e-3
 
 @dataclass
 class Converted:
-    """A converted model: the graph module and ONNX value name -> torch module name."""
+    """A converted model: the graph module and ONNX value name -> torch module name.
+
+    ``output_activation`` is "Softmax" or "LogSoftmax" when the ONNX model ends with one: the graph
+    module then returns the logits before it (what ANP's cross-entropy needs).
+    """
 
     graph: fx.GraphModule
     modules_by_output: dict[str, str]
+    output_activation: Optional[str] = None
+
+
+def strip_output_softmax(model: onnx.ModelProto) -> tuple[onnx.ModelProto, Optional[str]]:
+    """A copy of ``model`` whose first output is the input of its final Softmax/LogSoftmax, if any."""
+    output = model.graph.output[0].name
+    node = next((n for n in model.graph.node if output in n.output), None)
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return model, None
+    out = copy.deepcopy(model)
+    for n in out.graph.node:
+        if output in n.output:
+            out.graph.node.remove(n)
+            break
+    out.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+    return out, node.op_type
 
 
 def unsupported_ops(model: onnx.ModelProto) -> list[str]:
@@ -55,9 +75,53 @@ def unsupported_ops(model: onnx.ModelProto) -> list[str]:
     return [f"{op} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" for op, names in missing.items()]
 
 
+def generalize_batch(model: onnx.ModelProto, input_name: str, batch: int) -> onnx.ModelProto:
+    """A copy of a fixed-batch model that accepts any batch size (for the torch conversion only).
+
+    Exporters without dynamic axes bake the batch size into Reshape targets (``x.view(x.size(0), -1)``
+    becomes a Reshape to ``[1, N]``). onnxruntime tells the concrete target of every Reshape; a
+    leading entry equal to the fixed batch becomes 0 ("copy the input's dimension"), and the input's
+    batch dimension becomes symbolic. The parity check then confirms the result against the
+    original file at its own batch size.
+    """
+    from .model import make_session
+
+    out = copy.deepcopy(model)
+    reshapes = [n for n in out.graph.node if n.op_type == "Reshape"
+                and not any(a.name == "allowzero" and a.i for a in n.attribute)]
+    graph_input = next(v for v in out.graph.input if v.name == input_name)
+    if reshapes:
+        probe = copy.deepcopy(out)
+        known = {o.name for o in probe.graph.output}
+        for name in {n.input[1] for n in reshapes} - known:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+        dims = [d.dim_value or 1 for d in graph_input.type.tensor_type.shape.dim]
+        elem = onnx.helper.tensor_dtype_to_np_dtype(graph_input.type.tensor_type.elem_type)
+        session = make_session(probe)
+        names = [o.name for o in session.get_outputs()]
+        values = dict(zip(names, session.run(None, {input_name: np.zeros(dims, dtype=elem)})))
+        for i, node in enumerate(reshapes):
+            target = np.asarray(values.get(node.input[1]))
+            if target.ndim == 1 and target.size >= 2 and int(target[0]) == batch:
+                fixed = target.copy()
+                fixed[0] = 0
+                name = f"{node.input[1]}_anp_any_batch_{i}"
+                out.graph.initializer.append(onnx.numpy_helper.from_array(fixed.astype(np.int64), name))
+                node.input[1] = name
+    dim = graph_input.type.tensor_type.shape.dim[0]
+    dim.Clear()
+    dim.dim_param = "batch"
+    return out
+
+
 def convert(model: LoadedModel) -> Converted:
     """Convert ``model.runnable`` with onnx2torch; raise ConversionError naming unsupported ops."""
     source = model.runnable
+    if model.input.batch is not None:
+        try:
+            source = generalize_batch(source, model.input.name, model.input.batch)
+        except Exception as exc:  # best effort: the parity check reports what still does not fit
+            _LOGGER.debug("could not generalise the fixed batch size: %s", exc)
     missing = unsupported_ops(source)
     if missing and default_opset(source) > 17:
         try:  # onnx2torch 1.5 lacks several opset-18+ converters; opset 17 keeps node names
@@ -67,6 +131,7 @@ def convert(model: LoadedModel) -> Converted:
                 source, missing = lowered, []
         except Exception as exc:  # version conversion is best effort
             _LOGGER.debug("opset 17 down-conversion failed: %s", exc)
+    source, activation = strip_output_softmax(source)
     if missing:
         raise ConversionError(
             "onnx2torch cannot convert these ops: " + "; ".join(missing)
@@ -86,17 +151,29 @@ def convert(model: LoadedModel) -> Converted:
         if mapping is not None:
             for value in mapping.outputs:
                 outputs[value] = name
-    return Converted(graph, outputs)
+    if activation:
+        _LOGGER.info("the model ends with %s: ANP works on the logits before it", activation)
+    return Converted(graph, outputs, activation)
 
 
 class ClassifierNet(nn.Module):
     """(N, C, H, W) images in [0, 1] -> (N, classes) logits through the converted graph."""
 
-    def __init__(self, graph: fx.GraphModule, layout: str, preprocessing: Preprocessing) -> None:
+    def __init__(self, graph: fx.GraphModule, layout: str, preprocessing: Preprocessing,
+                 output_activation: Optional[str] = None) -> None:
         super().__init__()
         self.graph = graph
         self.layout = layout
         self.preprocessing = preprocessing
+        self.output_activation = output_activation
+
+    def to_model_output(self, logits: np.ndarray) -> np.ndarray:
+        """What the ONNX model outputs for these logits (its final Softmax/LogSoftmax re-applied)."""
+        if self.output_activation == "Softmax":
+            return torch.softmax(torch.from_numpy(logits), dim=-1).numpy()
+        if self.output_activation == "LogSoftmax":
+            return torch.log_softmax(torch.from_numpy(logits), dim=-1).numpy()
+        return logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.preprocessing.apply(x)
@@ -164,6 +241,8 @@ def parity(model: LoadedModel, net: nn.Module, images: np.ndarray, preprocessing
     net.eval()
     try:
         got = torch_logits(net, images, device)
+        if isinstance(net, ClassifierNet):
+            got = net.to_model_output(got)
     except Exception as exc:
         raise ConversionError(f"the converted torch model fails to run: {str(exc).splitlines()[0]}") from exc
     finally:

@@ -14,7 +14,7 @@ from anp_onnx.convert import ClassifierNet, convert, parity, to_model_input, ort
 from anp_onnx.data import Preprocessing
 from anp_onnx.errors import ConversionError
 from anp_onnx.model import load_model
-from builders import random_images, tiny_model
+from builders import TinyBNNet, export, random_images, randomize_bn, tiny_model
 
 TOL = 1e-5  # torch vs onnxruntime on these small float32 models
 
@@ -89,3 +89,46 @@ def test_parity_failure_is_reported(tmp_path):
     net = ClassifierNet(conv.graph, "NCHW", Preprocessing())
     with pytest.raises(ConversionError, match="disagrees with onnxruntime"):
         parity(model, net, random_images(8).x, Preprocessing())
+
+
+class _ViewNet(TinyBNNet):
+    """Flattens with x.view(x.size(0), -1): a fixed-batch export bakes the batch into a Reshape."""
+
+    def forward(self, x):
+        h = self.head[0](self.features(x))
+        return self.head[2](h.view(h.size(0), -1))
+
+
+def test_fixed_batch_reshape_is_generalised_for_torch_only(tmp_path):
+    path = export(randomize_bn(_ViewNet()), tmp_path / "v.onnx", dynamic_batch=False)
+    model = load_model(path)
+    assert model.input.batch == 1 and any(n.op_type == "Reshape" for n in model.proto.graph.node)
+    net = ClassifierNet(convert(model).graph, "NCHW", Preprocessing())
+    assert parity(model, net, random_images(8).x, Preprocessing()) < TOL  # batch 8 through a batch-1 file
+    # the user's model is untouched
+    assert model.proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+class _SoftmaxNet(TinyBNNet):
+    def forward(self, x):
+        return torch.softmax(super().forward(x), dim=1)
+
+
+def test_final_softmax_is_stripped_for_anp_and_reapplied_for_checks(tmp_path):
+    path = export(randomize_bn(_SoftmaxNet()), tmp_path / "s.onnx")
+    model = load_model(path)
+    conv = convert(model)
+    assert conv.output_activation == "Softmax"
+    net = ClassifierNet(conv.graph, "NCHW", Preprocessing(), conv.output_activation)
+    images = random_images(8).x
+    with torch.no_grad():
+        logits = net(torch.from_numpy(images)).numpy()
+    assert np.abs(logits.sum(axis=1) - 1).max() > 1e-2  # real logits, not probabilities
+    assert parity(model, net, images, Preprocessing()) < TOL
+    # the whole repair works and the written model still ends with its Softmax
+    import anp_onnx
+    result = anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
+                             config=anp_onnx.ANPConfig(iterations=3, batch_size=16),
+                             pruning=anp_onnx.PruneSpec.count(3))
+    assert result.export.max_abs_diff < 1e-5
+    assert onnx.load(tmp_path / "r.onnx").graph.node[-1].op_type == "Softmax"
