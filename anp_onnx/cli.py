@@ -175,26 +175,34 @@ def _config(args: argparse.Namespace) -> ANPConfig:
 
 
 class _Bar:
-    """tqdm progress bar fed by the library's progress events."""
+    """tqdm progress bars fed by the library's progress events, one per stage."""
+
+    LABELS = {"optimise": "ANP", "sweep": "pruning curve", "evaluate": "evaluate"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.bar = None
+        self.stage = ""
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled or event.stage != "optimise":
+        if not self.enabled or event.stage not in ("optimise", "sweep"):
             return
-        if self.bar is None:
+        if self.bar is None or event.stage != self.stage:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=event.total, desc="ANP", unit="it", file=sys.stderr, dynamic_ncols=True)
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=self.LABELS.get(event.stage, event.stage),
+                            unit="it" if event.stage == "optimise" else "pt", file=sys.stderr, dynamic_ncols=True)
         self.bar.n = event.step
-        self.bar.set_postfix({k: f"{v:.3f}" for k, v in event.metrics.items()}, refresh=False)
+        self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in event.metrics.items()},
+                             refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
