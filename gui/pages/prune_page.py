@@ -22,8 +22,8 @@ REFERENCE = PruneSpec.threshold(0.2)  # the ANP reference code's choice, used un
 
 class PrunePage(Page):
     title = "5. Prune"
-    subtitle = "Neurons with the lowest masks are pruned (switched off). The automatic choice prunes as many as " \
-               "it can while clean accuracy stays within a budget; the slider lets you choose yourself."
+    subtitle = "Neurons with the lowest masks are pruned (switched off). The automatic choice prunes them in " \
+               "order until clean accuracy first falls out of a budget; the slider lets you choose yourself."
 
     curveFinished = Signal(str)  # "done", "cancelled" or "failed"
 
@@ -278,8 +278,8 @@ class PrunePage(Page):
         chosen = curve.chosen
         self.curve_info.setText(
             f"Accuracy measured on {esc(where)}; unpruned: {pct(curve.baseline)}. Automatic choice: "
-            f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), the most that keeps clean accuracy "
-            f"within {100 * curve.max_drop:g} points: {pct(chosen.accuracy)}"
+            f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), the pruning just before clean accuracy "
+            f"first drops by more than {100 * curve.max_drop:g} points: {pct(chosen.accuracy)}"
             + (f", attack success rate {pct(chosen.asr)}" if chosen.asr is not None else "") + ".")
         if self._touched and s.plan is not None:
             self._apply(s.plan.spec, touched=False)  # keep the user's choice, now with curve figures
