@@ -43,6 +43,7 @@ def onnx2torch() -> Any:
         return _onnx2torch
     if "onnx2torch" in sys.modules or _torchvision_works():
         _onnx2torch = importlib.import_module("onnx2torch")
+        _extend(_onnx2torch)
         return _onnx2torch
     _LOGGER.debug("torchvision unavailable: importing onnx2torch with a stand-in torchvision.ops")
     fake = types.ModuleType("torchvision")
@@ -59,4 +60,11 @@ def onnx2torch() -> Any:
         for name in ("torchvision", "torchvision.ops"):
             if sys.modules.get(name) in (fake, ops):
                 del sys.modules[name]
+    _extend(_onnx2torch)
     return _onnx2torch
+
+
+def _extend(module: Any) -> None:
+    from .onnx2torch_ext import register
+
+    register(module)

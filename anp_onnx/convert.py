@@ -114,6 +114,19 @@ def generalize_batch(model: onnx.ModelProto, input_name: str, batch: int) -> onn
     return out
 
 
+def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose node names stay unique after onnx2torch's normalisation.
+
+    onnx2torch turns '/a/Constant_1' into 'a/Constant_1' and numbers duplicates as 'name_1', so two
+    different nodes can end up with one module name and one of them is silently dropped. Modules are
+    mapped back to ONNX through their output values, so the names themselves do not matter.
+    """
+    out = copy.deepcopy(model)
+    for i, node in enumerate(out.graph.node):
+        node.name = f"{node.name or node.op_type}__{i}"
+    return out
+
+
 def convert(model: LoadedModel) -> Converted:
     """Convert ``model.runnable`` with onnx2torch; raise ConversionError naming unsupported ops."""
     source = model.runnable
@@ -132,6 +145,7 @@ def convert(model: LoadedModel) -> Converted:
         except Exception as exc:  # version conversion is best effort
             _LOGGER.debug("opset 17 down-conversion failed: %s", exc)
     source, activation = strip_output_softmax(source)
+    source = _unique_node_names(source)
     if missing:
         raise ConversionError(
             "onnx2torch cannot convert these ops: " + "; ".join(missing)

@@ -132,3 +132,41 @@ def test_final_softmax_is_stripped_for_anp_and_reapplied_for_checks(tmp_path):
                              pruning=anp_onnx.PruneSpec.count(3))
     assert result.export.max_abs_diff < 1e-5
     assert onnx.load(tmp_path / "r.onnx").graph.node[-1].op_type == "Softmax"
+
+
+class _PadMeanNet(TinyBNNet):
+    """Pad and a mean over H, W: ops whose opset-18 versions onnx2torch 1.5 has no converter for."""
+
+    def forward(self, x):
+        h = self.features(torch.nn.functional.pad(x, (1, 1, 1, 1)))
+        return self.head[2](h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_opset_18_plus_models_convert_and_keep_their_opset(tmp_path, opset):
+    base = onnx.load(export(randomize_bn(_PadMeanNet()), tmp_path / "m13.onnx"))
+    path = tmp_path / f"m{opset}.onnx"
+    onnx.save(onnx.version_converter.convert_version(base, opset), path)
+    model = load_model(path)
+    assert model.opset == opset
+    net = ClassifierNet(convert(model).graph, "NCHW", Preprocessing())
+    assert parity(model, net, random_images(8).x, Preprocessing()) < TOL
+    import anp_onnx
+    anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
+                    config=anp_onnx.ANPConfig(iterations=2, batch_size=16), pruning=anp_onnx.PruneSpec.count(2))
+    assert [i.version for i in onnx.load(tmp_path / "r.onnx").opset_import if i.domain == ""] == [opset]
+
+
+def test_new_feature_of_a_newer_op_version_is_a_clear_error(tmp_path):
+    # Pad-18 with its new `axes` input: the older converter does not apply, and the message says why
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])
+    inits = [helper.make_tensor("pads", TensorProto.INT64, [2], [1, 1]),
+             helper.make_tensor("axes", TensorProto.INT64, [1], [3])]
+    nodes = [helper.make_node("Pad", ["x", "pads", "", "axes"], ["h"], name="pad"),
+             helper.make_node("GlobalAveragePool", ["h"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    path = tmp_path / "p.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                                opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
+    with pytest.raises(ConversionError, match="Pad with an axes input"):
+        convert(load_model(path))
