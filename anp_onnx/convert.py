@@ -114,6 +114,52 @@ def generalize_batch(model: onnx.ModelProto, input_name: str, batch: int) -> onn
     return out
 
 
+def explicit_auto_pad(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where Conv/MaxPool/AveragePool ``auto_pad`` SAME_*/VALID become explicit ``pads``.
+
+    onnx2torch does not convert ``auto_pad`` (older exporters such as CNTK write it). The padding is
+    computed from the input's spatial size as the ONNX spec defines it, so it needs shapes known by
+    shape inference; nodes whose input size is unknown are left as they are.
+    """
+    targets = [n for n in model.graph.node if n.op_type in ("Conv", "MaxPool", "AveragePool")
+               and any(a.name == "auto_pad" and a.s not in (b"NOTSET", b"") for a in n.attribute)]
+    if not targets:
+        return model
+    out = copy.deepcopy(model)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(out)
+    except Exception:  # noqa: BLE001 - without shapes nothing can be made explicit
+        return out
+    shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]
+              for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    inits = {t.name: list(t.dims) for t in out.graph.initializer}
+    for node in out.graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs.get("auto_pad")
+        if mode is None or mode.s in (b"NOTSET", b""):
+            continue
+        spatial = (shapes.get(node.input[0]) or [None, None])[2:]
+        if node.op_type == "Conv":
+            kernel = (attrs["kernel_shape"].ints if "kernel_shape" in attrs else inits.get(node.input[1], [0, 0])[2:])
+        else:
+            kernel = attrs["kernel_shape"].ints
+        if not spatial or any(d is None for d in spatial) or len(kernel) != len(spatial):
+            continue
+        strides = attrs["strides"].ints if "strides" in attrs else [1] * len(spatial)
+        dilations = attrs["dilations"].ints if "dilations" in attrs else [1] * len(spatial)
+        begin, end = [], []
+        for size, k, st, dl in zip(spatial, kernel, strides, dilations):
+            total = 0 if mode.s == b"VALID" else max((-(-size // st) - 1) * st + (k - 1) * dl + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begin.append(large if mode.s == b"SAME_LOWER" else small)
+            end.append(small if mode.s == b"SAME_LOWER" else large)
+        node.attribute.remove(mode)
+        if "pads" in attrs:
+            node.attribute.remove(attrs["pads"])
+        node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
+    return out
+
+
 def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose node names stay unique after onnx2torch's normalisation.
 
@@ -129,7 +175,7 @@ def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def convert(model: LoadedModel) -> Converted:
     """Convert ``model.runnable`` with onnx2torch; raise ConversionError naming unsupported ops."""
-    source = model.runnable
+    source = explicit_auto_pad(model.runnable)
     if model.input.batch is not None:
         try:
             source = generalize_batch(source, model.input.name, model.input.batch)

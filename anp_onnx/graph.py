@@ -90,7 +90,10 @@ class InitializerEditor:
     def write(self, node: onnx.NodeProto, i: int, values: np.ndarray) -> str:
         name = node.input[i]
         tensor = self.index.initializers[name]
-        shared = self.index.uses[name] > 1 or name in self.index.graph_inputs
+        # from IR 4 on, an initializer that is also a graph input can be overridden by the caller; before
+        # IR 4 every initializer had to be listed as an input, so that says nothing about sharing
+        overridable = name in self.index.graph_inputs and self.model.ir_version >= 4
+        shared = self.index.uses[name] > 1 or overridable
         if shared and name not in self.changed:
             new_name = self._unique(f"{name}_anp_{node.name or node.output[0]}")
             tensor = self.model.graph.initializer.add()  # add(), not append(): append stores a copy
@@ -100,6 +103,12 @@ class InitializerEditor:
             self.index.uses[name] -= 1
             self.index.uses[new_name] = 1
             node.input[i] = new_name
+            if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
+                declared = next((v for v in self.model.graph.input if v.name == name), None)
+                if declared is not None:
+                    extra = self.model.graph.input.add()
+                    extra.CopyFrom(declared)
+                    extra.name = new_name
             self.copies[name] = new_name
             name = new_name
         old = numpy_helper.to_array(tensor)

@@ -170,3 +170,40 @@ def test_new_feature_of_a_newer_op_version_is_a_clear_error(tmp_path):
                                 opset_imports=[helper.make_opsetid("", 18)], ir_version=8), path)
     with pytest.raises(ConversionError, match="Pad with an axes input"):
         convert(load_model(path))
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_auto_pad_is_made_explicit_for_torch(tmp_path, mode):
+    # older exporters (CNTK) write auto_pad, which onnx2torch does not convert
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 7, 7])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.random.default_rng(0).random(108).tolist())
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", auto_pad=mode, strides=[2, 2]),
+             helper.make_node("MaxPool", ["c"], ["m"], name="pool", auto_pad=mode, kernel_shape=[2, 2]),
+             helper.make_node("GlobalAveragePool", ["m"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    path = tmp_path / "a.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                                opset_imports=[helper.make_opsetid("", 11)], ir_version=6), path)
+    model = load_model(path)
+    net = ClassifierNet(convert(model).graph, "NCHW", Preprocessing())
+    assert parity(model, net, random_images(4, size=7).x, Preprocessing()) < TOL
+    assert any(a.name == "auto_pad" for a in onnx.load(path).graph.node[0].attribute)  # the file is untouched
+
+
+def test_ir3_model_with_initializers_as_inputs_is_repaired_in_place(tmp_path):
+    # IR 3 (CNTK era): every initializer is also a graph input; that is not sharing
+    import anp_onnx
+
+    m = onnx.version_converter.convert_version(onnx.load(tiny_model(tmp_path / "m.onnx")), 9)
+    m.ir_version = 3
+    for t in m.graph.initializer:
+        m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    path = tmp_path / "ir3.onnx"
+    onnx.save(m, path)
+    result = anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
+                             config=anp_onnx.ANPConfig(iterations=2, batch_size=16),
+                             pruning=anp_onnx.PruneSpec.count(3))
+    written = onnx.load(tmp_path / "r.onnx")
+    onnx.checker.check_model(written)
+    assert written.ir_version == 3 and len(written.graph.initializer) == len(m.graph.initializer)  # no copies
+    assert set(result.export.changed_initializers) <= {t.name for t in m.graph.initializer}
