@@ -194,7 +194,7 @@ def test_ir3_model_with_initializers_as_inputs_is_repaired_in_place(tmp_path):
     # IR 3 (CNTK era): every initializer is also a graph input; that is not sharing
     import anp_onnx
 
-    m = onnx.version_converter.convert_version(onnx.load(tiny_model(tmp_path / "m.onnx")), 9)
+    m = onnx.load(tiny_model(tmp_path / "m.onnx", opset=9))
     m.ir_version = 3
     for t in m.graph.initializer:
         m.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
