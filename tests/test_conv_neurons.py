@@ -85,8 +85,8 @@ def test_find_on_folded_model_excludes_classifier(tmp_path):
     found = find_neurons(onnx.load(tiny_model(tmp_path / "m.onnx", fold_bn=True)))
     got = [(layer.kind, layer.op_type, layer.size) for layer in found.layers]
     assert got == [("conv", "Conv", 8), ("conv", "Conv", 16)]
-    assert found.kinds == ("batchnorm", "conv")
-    assert "no BatchNormalization neurons: using conv/linear output channels" in found.notes
+    assert found.kinds[0] == "batchnorm" and found.kinds[-1] == "conv"  # normalisation kinds first, then conv
+    assert "no normalisation neurons: using conv/linear output channels" in found.notes
     assert any(n.startswith("classifier layer ") and "Gemm" in n and "excluded" in n for n in found.notes)
     assert all(set(dict(layer.params)) == {"weight", "bias"} for layer in found.layers)
 
@@ -94,7 +94,7 @@ def test_find_on_folded_model_excludes_classifier(tmp_path):
 def test_default_kinds_prefer_batchnorm(tmp_path):
     model = onnx.load(tiny_model(tmp_path / "m.onnx"))
     assert [layer.kind for layer in find_neurons(model).layers] == ["batchnorm", "batchnorm"]
-    assert find_neurons(model).kinds == ("batchnorm",)
+    assert "conv" not in find_neurons(model).kinds
     convs = find_neurons(model, kinds=["conv"])
     assert [(layer.op_type, layer.size) for layer in convs.layers] == [("Conv", 8), ("Conv", 16)]
     both = find_neurons(model, kinds=["batchnorm", "conv"])

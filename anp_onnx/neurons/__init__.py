@@ -15,6 +15,8 @@ import onnx
 
 from ..graph import GraphIndex
 from . import batchnorm, conv  # noqa: F401  (register the kinds)
+from . import norms  # noqa: F401  (InstanceNorm and LayerNorm kinds)
+from . import affine  # noqa: F401  (per-channel Mul/Add kind)
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import all_kinds, get_kind, register_kind
 
@@ -59,8 +61,9 @@ def find_neurons(
 ) -> NeuronSearch:
     """Find neuron layers of the given ``kinds``, in graph order.
 
-    ``kinds=None``: every registered kind but the :data:`FALLBACK_KINDS` (BatchNorm channels); when
-    those find no layer, the fallback kinds (conv/linear output channels). Explicit kinds are all used.
+    ``kinds=None``: every registered kind but the :data:`FALLBACK_KINDS` (the normalisation kinds:
+    BatchNorm, per-channel Mul/Add, Instance/LayerNorm); when those find no layer, the fallback kinds
+    (conv/linear output channels). Explicit kinds are all used.
     ``include``/``exclude`` are shell-style patterns matched against layer names; a layer takes part
     when it matches some include pattern (or none was given) and no exclude pattern.
     """
@@ -74,12 +77,12 @@ def find_neurons(
         fallback = [kind for name, kind in all_kinds().items() if name in FALLBACK_KINDS]
         if layers:
             if fallback:
-                notes.append("BatchNormalization neurons found: conv/linear output channels not used "
+                notes.append("normalisation neurons found: conv/linear output channels not used "
                              "(ask for kinds batchnorm and conv to use both)")
         elif fallback:
             searched += fallback
             layers, more = _search(model, index, fallback)
-            notes += ["no BatchNormalization neurons: using conv/linear output channels"] + more
+            notes += ["no normalisation neurons: using conv/linear output channels"] + more
     order = {node.output[0]: i for i, node in enumerate(model.graph.node) if node.output}
     layers.sort(key=lambda layer: order.get(layer.output, len(order)))
     layers = _unique_names(layers)

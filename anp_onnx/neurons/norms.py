@@ -1,0 +1,176 @@
+"""InstanceNormalization and LayerNormalization elements as neurons (perturbed like BatchNorm in ANP).
+
+InstanceNormalization: one neuron per channel (``scale``/``B`` of shape (C,)).
+LayerNormalization (opset 17+): one neuron per element of ``scale`` (which has the normalized shape,
+possibly several dimensions); masks are flat, in C order, and reshaped to the scale's shape.
+
+Both always normalise with the statistics of the current input, so the ``batch_stats`` switch (the
+reference's train mode) changes nothing. As in ANP, the scale is multiplied by (m + d) and the bias
+by (1 + x) with noise, the scale by m without; pruning sets the scale to 0 and keeps the bias.
+
+GroupNormalization is not a kind here: onnx2torch 1.5 has no converter for it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph import GraphIndex, InitializerEditor, node_label
+from .base import NeuronKind, NeuronLayer, PerturbedModule
+from .registry import register_kind
+
+
+def _scaled(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], wc: torch.Tensor,
+            bc: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Apply the per-neuron coefficients (flat) to a weight and bias of any shape."""
+    if weight is not None:
+        weight = weight * wc.reshape(weight.shape).to(weight.dtype)
+    if bias is not None and bc is not None:
+        bias = bias * bc.reshape(bias.shape).to(bias.dtype)
+    return weight, bias
+
+
+class PerturbedInstanceNorm(PerturbedModule):
+    """InstanceNorm with gamma scaled by (m + d) and beta by (1 + x), per channel."""
+
+    def __init__(self, norm: nn.modules.instancenorm._InstanceNorm) -> None:
+        super().__init__(norm.num_features)
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
+        self.eps = float(norm.eps)
+        self.momentum = float(norm.momentum) if norm.momentum is not None else 0.1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = _scaled(self.weight, self.bias, *self.coefficients())
+        return F.instance_norm(x, None, None, weight, bias, True, self.momentum, self.eps)
+
+
+class PerturbedLayerNorm(PerturbedModule):
+    """LayerNorm with each element of gamma scaled by (m + d) and of beta by (1 + x)."""
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__(int(norm.weight.numel()))
+        self.register_buffer("weight", norm.weight.detach().clone())
+        bias = getattr(norm, "bias", None)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = float(norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = _scaled(self.weight, self.bias, *self.coefficients())
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class PerturbedFunctionalNorm(PerturbedModule):
+    """onnx2torch's functional norm modules (scale and bias as forward arguments), perturbed.
+
+    Used only if onnx2torch did not see the parameters as initializers; ``inner`` computes the norm.
+    """
+
+    def __init__(self, inner: nn.Module, size: int) -> None:
+        super().__init__(size)
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        scale, bias = _scaled(scale, bias, *self.coefficients())
+        return self.inner(x, scale, bias)
+
+
+def _functional(module: nn.Module, class_name: str) -> bool:
+    return type(module).__name__ == class_name
+
+
+class _NormKind(NeuronKind):
+    op_type = ""
+
+    def _params(self, node: onnx.NodeProto) -> list[str]:
+        return [name for name in node.input[1:3] if name]
+
+    def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
+        return None
+
+    def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
+        layers, notes = [], []
+        for node in model.graph.node:
+            if node.op_type != self.op_type:
+                continue
+            params = self._params(node)
+            if len(node.input) < 2 or not node.input[1] or not all(index.is_initializer(p) for p in params):
+                notes.append(f"{node_label(node)}: {self.op_type} with non-constant parameters skipped")
+                continue
+            if len([o for o in node.output if o]) != 1:
+                notes.append(f"{node_label(node)}: {self.op_type} with several outputs skipped")
+                continue
+            scale = index.array(node.input[1])
+            problem = self._check(node, index, scale)
+            if problem:
+                notes.append(f"{node_label(node)}: {problem}")
+                continue
+            roles = [("scale", node.input[1])]
+            if len(params) > 1:
+                roles.append(("bias", params[1]))
+            layers.append(NeuronLayer(
+                name=node_label(node), kind=self.name, op_type=node.op_type, node_name=node.name,
+                output=node.output[0], size=int(scale.size), params=tuple(roles),
+            ))
+        return layers, notes
+
+    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
+        node = editor.index.producer.get(layer.output)
+        if node is None:
+            raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
+        scale = editor.read(node, 1).copy()
+        flat = scale.reshape(-1)  # a view of the copy: C order, as the masks
+        flat[np.asarray(pruned, dtype=np.int64)] = 0  # the bias is kept, as in the reference
+        editor.write(node, 1, scale)
+
+
+@register_kind
+class InstanceNormKind(_NormKind):
+    """One neuron per channel of an InstanceNormalization node with constant scale and bias."""
+
+    name = "instancenorm"
+    description = "InstanceNormalization channels (mask and noise on scale, noise on bias)"
+    op_type = "InstanceNormalization"
+
+    def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
+        if scale.ndim != 1 or len(node.input) < 3 or not node.input[2]:
+            return "InstanceNormalization with an unusual scale or no bias skipped"
+        return None
+
+    def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
+        if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.weight is not None:
+            return PerturbedInstanceNorm(module)
+        if _functional(module, "OnnxInstanceNorm"):
+            return PerturbedFunctionalNorm(module, layer.size)
+        raise TypeError(f"{layer.name}: expected a torch InstanceNorm module, got {type(module).__name__}")
+
+
+@register_kind
+class LayerNormKind(_NormKind):
+    """One neuron per element of the scale of a LayerNormalization node with constant parameters."""
+
+    name = "layernorm"
+    description = "LayerNormalization scale elements (mask and noise on scale, noise on bias)"
+    op_type = "LayerNormalization"
+
+    def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
+        if len(node.input) > 2 and node.input[2] and index.array(node.input[2]).shape != scale.shape:
+            return "LayerNormalization whose bias and scale shapes differ skipped"
+        return None
+
+    def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
+        if isinstance(module, nn.LayerNorm) and module.weight is not None:
+            if module.weight.numel() != layer.size:
+                raise TypeError(f"{layer.name}: LayerNorm scale has {module.weight.numel()} elements, "
+                                f"expected {layer.size}")
+            return PerturbedLayerNorm(module)
+        if _functional(module, "OnnxLayerNorm"):
+            return PerturbedFunctionalNorm(module, layer.size)
+        raise TypeError(f"{layer.name}: expected a torch LayerNorm module, got {type(module).__name__}")
