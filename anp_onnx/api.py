@@ -458,7 +458,9 @@ def _as_images(rep: Repairer, data: Optional[os.PathLike | str | ImageSet]) -> O
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,
           out: os.PathLike | str, pruning: PruneSpec = PruneSpec.threshold(0.2), layout: Optional[str] = None,
           preprocessing: Optional[Preprocessing] = None, overwrite: bool = False,
-          verify_data: Optional[os.PathLike | str | ImageSet] = None) -> tuple[PrunePlan, ExportResult]:
+          verify_data: Optional[os.PathLike | str | ImageSet] = None, kinds: Optional[Sequence[str]] = None,
+          include: Optional[Sequence[str]] = None,
+          exclude: Optional[Sequence[str]] = None) -> tuple[PrunePlan, ExportResult]:
     """Prune ``model`` from saved masks (no new optimisation) and write it to ``out``."""
     from .prune import load_masks
 
@@ -466,7 +468,8 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
     facts: dict = {}
     if not isinstance(masks, Mapping):
         masks, facts = load_masks(masks)
-    rep = Repairer.open(model, layout=layout, preprocessing=preprocessing)
+    rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
+                        exclude=exclude)
     recorded = (facts.get("model") or {}).get("sha256") if isinstance(facts.get("model"), dict) else None
     if recorded and rep.model.path and recorded != file_sha256(rep.model.path):
         _LOGGER.warning("the masks were computed on a different file than %s (sha256 differs)", rep.model.path)

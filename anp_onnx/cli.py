@@ -60,6 +60,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _neuron_options(p: argparse.ArgumentParser) -> None:
+    from .neurons import all_kinds
+
+    p.add_argument("--kinds", nargs="+", choices=sorted(all_kinds()), metavar="KIND",
+                   help=f"neuron kinds to use ({', '.join(sorted(all_kinds()))}; default: the normalisation "
+                        "kinds, or conv when the model has none)")
     p.add_argument("--layers", nargs="+", metavar="PATTERN", help="only neuron layers whose name matches (glob)")
     p.add_argument("--exclude-layers", nargs="+", metavar="PATTERN", help="skip neuron layers whose name matches")
 
@@ -141,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="pruned model to write (never the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", help="clean images for --auto and the onnxruntime verification (default: random images)")
+    _neuron_options(p)
     _pruning_options(p, auto_default=False)
 
     p = sub.add_parser("evaluate", help="clean accuracy and attack success rate in onnxruntime",
@@ -250,7 +256,7 @@ def _score_rows(before: Optional[EvalResult], after: Optional[EvalResult], label
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_model(args.model, layout=args.layout, data=args.data, preprocessing=args.preprocess,
-                         include=args.layers, exclude=args.exclude_layers)
+                         kinds=args.kinds, include=args.layers, exclude=args.exclude_layers)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
     else:
@@ -266,7 +272,8 @@ def _cmd_repair(args: argparse.Namespace) -> int:
             args.model, args.data, out=args.out, config=_config(args), pruning=_spec(args),
             preprocessing=args.preprocess, layout=args.layout, holdout=holdout, test_data=args.test,
             poisoned_data=args.poisoned, target=args.target, masks_out=args.masks_out, overwrite=args.overwrite,
-            include=args.layers, exclude=args.exclude_layers, report=not args.no_report, progress=bar,
+            kinds=args.kinds, include=args.layers, exclude=args.exclude_layers, report=not args.no_report,
+            progress=bar,
         )
     finally:
         bar.close()
@@ -293,7 +300,8 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     plan, export = prune(args.model, args.masks, out=args.out, pruning=_spec(args), layout=args.layout,
-                         preprocessing=args.preprocess, overwrite=args.overwrite, verify_data=args.data)
+                         preprocessing=args.preprocess, overwrite=args.overwrite, verify_data=args.data,
+                         kinds=args.kinds, include=args.layers, exclude=args.exclude_layers)
     print(f"Pruned {plan.count} of {plan.total} neurons ({plan.spec.describe()}):")
     rows = [[name, str(n)] for name, n in plan.per_layer().items() if n] + [["total", str(plan.count)]]
     print(_table(rows, ["layer", "pruned"]))

@@ -460,3 +460,12 @@ def test_error_from_real_console_is_one_line(bad) -> None:
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("anp-onnx: error: no neurons to prune") and "BatchNormalization" in proc.stderr
+
+
+def test_kinds_option(files, capsys) -> None:
+    assert main(["inspect", str(files["model"]), "--kinds", "conv", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {layer["kind"] for layer in info["layers"]} == {"conv"}
+    assert main(["inspect", str(files["model"]), "--kinds", "nope"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice" in err[0]

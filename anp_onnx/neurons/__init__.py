@@ -78,7 +78,7 @@ def find_neurons(
         if layers:
             if fallback:
                 notes.append("normalisation neurons found: conv/linear output channels not used "
-                             "(ask for kinds batchnorm and conv to use both)")
+                             "(list the kinds to use both, e.g. --kinds batchnorm conv)")
         elif fallback:
             searched += fallback
             layers, more = _search(model, index, fallback)
