@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-import onnx
 
 from . import __version__
 from .anp import ANPConfig, MaskResult, optimize_masks, resolve_device

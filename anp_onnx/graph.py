@@ -52,6 +52,31 @@ class GraphIndex:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
 
+    def walk_back_from_outputs(self, stop_ops: tuple[str, ...]) -> tuple[set[int], set[int]]:
+        """Walk back from the graph outputs through producers, stopping at ``stop_ops`` nodes.
+
+        Returns the ids of the nodes passed (those between the outputs and the first stop node on
+        every path) and the ids of the stop nodes reached. Initializers are not followed.
+        """
+        passed: set[int] = set()
+        stops: set[int] = set()
+        seen: set[str] = set()
+        stack = [out.name for out in self.model.graph.output]
+        while stack:
+            value = stack.pop()
+            if value in seen:
+                continue
+            seen.add(value)
+            node = self.producer.get(value)
+            if node is None:
+                continue
+            if node.op_type in stop_ops and node.domain in ("", "ai.onnx"):
+                stops.add(id(node))
+                continue
+            passed.add(id(node))
+            stack.extend(name for name in node.input if name and not self.is_initializer(name))
+        return passed, stops
+
     def constant(self, name: str) -> np.ndarray | None:
         """Value of ``name`` when it is an initializer or a Constant node's tensor, else None."""
         if name in self.initializers:
@@ -62,6 +87,10 @@ class GraphIndex:
                 if attr.name == "value":
                     return numpy_helper.to_array(attr.t)
         return None
+
+
+#: Ops whose output channels are the fallback neurons and that end a classifier.
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def node_label(node: onnx.NodeProto) -> str:

@@ -37,13 +37,12 @@ import onnx
 import torch
 from torch import nn
 
-from ..graph import GraphIndex, InitializerEditor, node_label
+from ..graph import LINEAR_OPS, GraphIndex, InitializerEditor, node_label
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import register_kind
 
 #: Ops after which a tensor's channels are learnt features (not the input's colour channels), and
 #: before which the classes are not yet formed.
-_LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _channel_slot(shape: tuple[int, ...], size: int) -> Optional[int]:
@@ -172,9 +171,7 @@ class AffineKind(NeuronKind):
         return PerturbedAffine(layer.size, with_bias=layer.op_type == "Mul+Add")
 
     def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
-        node = editor.index.producer.get(layer.output)
-        if node is None:
-            raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
+        node = self.node_of(layer, editor)
         if layer.op_type == "Mul+Add":
             node = next((editor.index.producer.get(name) for name in node.input
                          if editor.index.producer.get(name) is not None
@@ -251,7 +248,7 @@ def _input_side_values(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
     """Values computed from a graph input without a Conv/Gemm/MatMul in between (graph order is topological)."""
     raw = {name for name in index.graph_inputs if name not in index.initializers}
     for node in model.graph.node:
-        if node.op_type in _LINEAR_OPS:
+        if node.op_type in LINEAR_OPS:
             continue
         if any(name in raw for name in node.input):
             raw.update(o for o in node.output if o)
@@ -260,17 +257,4 @@ def _input_side_values(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
 
 def _after_classifier(model: onnx.ModelProto, index: GraphIndex) -> set[int]:
     """ids of nodes met walking back from the graph outputs before any Conv/Gemm/MatMul."""
-    found: set[int] = set()
-    seen: set[str] = set()
-    stack = [out.name for out in model.graph.output]
-    while stack:
-        value = stack.pop()
-        if value in seen:
-            continue
-        seen.add(value)
-        node = index.producer.get(value)
-        if node is None or node.op_type in _LINEAR_OPS:
-            continue
-        found.add(id(node))
-        stack.extend(name for name in node.input if name and not index.is_initializer(name))
-    return found
+    return index.walk_back_from_outputs(LINEAR_OPS)[0]

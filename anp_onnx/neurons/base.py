@@ -105,6 +105,14 @@ class NeuronKind(ABC):
     def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
         """A perturbable replacement for the onnx2torch module that computes ``layer``."""
 
+    @staticmethod
+    def node_of(layer: NeuronLayer, editor: InitializerEditor) -> onnx.NodeProto:
+        """The ONNX node (in the editor's model) that computes ``layer``."""
+        node = editor.index.producer.get(layer.output)
+        if node is None:
+            raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
+        return node
+
     @abstractmethod
     def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
         """Write the pruning of neurons ``pruned`` (indices) into the ONNX initializers."""

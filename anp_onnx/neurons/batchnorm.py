@@ -70,14 +70,7 @@ class BatchNormKind(NeuronKind):
         return PerturbedBatchNorm(module)
 
     def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
-        node = _node_for(editor, layer)
+        node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         scale[pruned] = 0  # the reference keeps beta: a pruned channel outputs the constant beta
         editor.write(node, 1, scale)
-
-
-def _node_for(editor: InitializerEditor, layer: NeuronLayer) -> onnx.NodeProto:
-    node = editor.index.producer.get(layer.output)
-    if node is None:
-        raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
-    return node

@@ -46,12 +46,11 @@ import torch.nn.functional as F
 from onnx import helper
 from torch import nn
 
-from ..graph import GraphIndex, InitializerEditor, node_label
+from ..graph import LINEAR_OPS, GraphIndex, InitializerEditor, node_label
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import register_kind
 
 #: Ops whose output units are neurons of this kind (and which end a walk back from the outputs).
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -236,9 +235,7 @@ class ConvKind(NeuronKind):
         return wrapped
 
     def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
-        node = editor.index.producer.get(layer.output)
-        if node is None:
-            raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
+        node = self.node_of(layer, editor)
         weight = editor.read(node, 1).copy()
         pruned = np.asarray(pruned, dtype=np.int64)
         if node.op_type == "Conv":
@@ -257,24 +254,5 @@ class ConvKind(NeuronKind):
 
 
 def classifier_nodes(model: onnx.ModelProto, index: GraphIndex) -> set[int]:
-    """ids of the Conv/ConvTranspose/Gemm/MatMul nodes that reach a graph output with no other in between.
-
-    Walks back from each graph output through producers (any op), stopping at the first such node on
-    every path; constants (initializers) are not followed.
-    """
-    found: set[int] = set()
-    seen: set[str] = set()
-    stack = [out.name for out in model.graph.output]
-    while stack:
-        value = stack.pop()
-        if value in seen:
-            continue
-        seen.add(value)
-        node = index.producer.get(value)
-        if node is None:
-            continue
-        if node.op_type in LINEAR_OPS and node.domain in ("", "ai.onnx"):
-            found.add(id(node))
-            continue
-        stack.extend(name for name in node.input if name and not index.is_initializer(name))
-    return found
+    """ids of the Conv/ConvTranspose/Gemm/MatMul nodes that reach a graph output with no other in between."""
+    return index.walk_back_from_outputs(LINEAR_OPS)[1]

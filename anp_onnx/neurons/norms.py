@@ -122,9 +122,7 @@ class _NormKind(NeuronKind):
         return layers, notes
 
     def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
-        node = editor.index.producer.get(layer.output)
-        if node is None:
-            raise KeyError(f"no node produces {layer.output} for layer {layer.name}")
+        node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         flat = scale.reshape(-1)  # a view of the copy: C order, as the masks
         flat[np.asarray(pruned, dtype=np.int64)] = 0  # the bias is kept, as in the reference
