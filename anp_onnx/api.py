@@ -33,7 +33,8 @@ from .model import InputSpec, LoadedModel, load_model
 from .neurons import NeuronLayer, NeuronSearch, find_neurons
 from .progress import CancelToken, ProgressCallback
 from .report import report_paths, write_report
-from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, PruningCurve, compute_curve
+from .collapse import find_target, probe_collapse
+from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, DEFAULT_SIGNAL_MAX_DROP, PruningCurve, compute_curve
 from .evaluate import infer_target
 from .prune import (
     PrunePlan, PruneSpec, file_sha256, match_masks, plan_from_neurons, plan_pruning, rank_neurons,
@@ -197,13 +198,17 @@ class Repairer:
     def pruning_curve(self, masks: Mapping[str, np.ndarray], clean: ImageSet, *,
                       tiebreak: Optional[Mapping[str, np.ndarray]] = None, poisoned: Optional[ImageSet] = None,
                       target: Optional[int] = None, max_drop: float = DEFAULT_MAX_DROP,
-                      max_fraction: float = DEFAULT_MAX_FRACTION, device: str = "cpu",
-                      progress: Optional[ProgressCallback] = None,
+                      max_fraction: float = DEFAULT_MAX_FRACTION, suspected_target: Optional[int] = None,
+                      signal_data: Optional[ImageSet] = None, signal_max_drop: float = DEFAULT_SIGNAL_MAX_DROP,
+                      device: str = "cpu", progress: Optional[ProgressCallback] = None,
                       cancel: Optional[CancelToken] = None) -> PruningCurve:
         """Clean accuracy on ``clean`` against neurons pruned in mask order, and the automatic choice.
 
-        ``poisoned`` (triggered images, true labels) adds ASR to each point for display only; its
-        ``target`` defaults to the unpruned model's majority prediction on it.
+        With a ``suspected_target`` (``MaskResult.target``) the backdoor signal is measured too, by
+        the collapse probe on ``signal_data`` (default ``clean``), and the automatic choice is the
+        fewest neurons that make it go (see :mod:`anp_onnx.curve`). ``poisoned`` (triggered images,
+        true labels) adds ASR to each point for display only; its ``target`` defaults to the
+        unpruned model's majority prediction on it.
         """
         masks = match_masks(masks, self.layers)
         ranking = rank_neurons(masks, tiebreak)
@@ -215,19 +220,28 @@ class Repairer:
                 self.reset_masks()
                 target = infer_target(torch_logits(self.net, poisoned.x, device).argmax(1))
             keep = poisoned.y != target
+        probe_set = signal_data if signal_data is not None else clean
+        signal_eps: list[float] = []  # the probe's noise, fixed on the unpruned model (as find_target)
 
-        def evaluate_prefix(chosen):
+        def evaluate_prefix(chosen, signal):
             self.apply_plan(plan_from_neurons(masks, chosen, PruneSpec.count(len(chosen))))
             acc = float((torch_logits(self.net, clean.x, device).argmax(1) == clean.y).mean())
-            asr = None
+            asr = share = None
             if keep is not None and keep.any():
                 pred = torch_logits(self.net, poisoned.x[keep], device).argmax(1)
                 asr = float((pred == target).mean())
-            return acc, asr
+            if signal and suspected_target is not None:
+                if not signal_eps:
+                    signal_eps.append(find_target(self.net, self.modules.values(), probe_set, device=device).eps)
+                share = probe_collapse(self.net, self.modules.values(), probe_set, eps=signal_eps[0],
+                                       device=device).rate(suspected_target)
+                self.net.eval()
+            return acc, asr, share
 
         try:
             return compute_curve(ranking, evaluate_prefix, n_images=len(clean), max_drop=max_drop,
-                                 max_fraction=max_fraction, progress=progress, cancel=cancel)
+                                 max_fraction=max_fraction, suspected_target=suspected_target,
+                                 signal_max_drop=signal_max_drop, progress=progress, cancel=cancel)
         finally:
             self.reset_masks()
             self.net.to("cpu")
@@ -386,6 +400,7 @@ def repair(
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
     report: bool = True,
+    signal_max_drop: float = DEFAULT_SIGNAL_MAX_DROP,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> RepairResult:
@@ -393,7 +408,10 @@ def repair(
 
     ``data`` is the clean set (folder or .npz, or an :class:`ImageSet`); ``holdout`` (fraction < 1
     or a count) of it is kept aside, stratified by class: the pruning curve and the automatic choice
-    (the default ``pruning``) are measured on it. ``test_data`` and ``poisoned_data`` (triggered
+    (the default ``pruning``) are measured on it. With the default ``config`` (``target="auto"``) ANP
+    first probes where clean images collapse under neuron noise; a suspected backdoor target makes
+    the noise targeted and lets the automatic choice prune until its signal goes, spending at most
+    ``signal_max_drop`` of held-out accuracy (see anp_onnx.collapse and anp_onnx.curve). ``test_data`` and ``poisoned_data`` (triggered
     images with their true labels) add ACC/ASR before and after, measured in onnxruntime; they never
     influence what is pruned. Masks are saved as JSON and mask_values.txt next to the output unless
     ``masks_out`` says where.
@@ -411,6 +429,9 @@ def repair(
     test = _as_images(rep, test_data)
     poisoned = _as_images(rep, poisoned_data)
     val = None
+    if isinstance(config.target, int) and rep.model.num_classes and config.target >= rep.model.num_classes:
+        raise SettingsError(f"ANP target {config.target} is not a class of this model "
+                            f"({rep.model.num_classes} classes)")
     if holdout:
         clean, val = clean.split(holdout, seed=config.seed)
     elif pruning.mode == "auto":
@@ -425,15 +446,18 @@ def repair(
         curve = rep.pruning_curve(
             result.masks, val if val is not None else clean, tiebreak=result.mean_masks, poisoned=poisoned,
             target=target, max_drop=pruning.value if pruning.mode == "auto" else DEFAULT_MAX_DROP,
-            device=config.device, progress=progress, cancel=cancel)
+            suspected_target=result.target, signal_data=clean, signal_max_drop=signal_max_drop,
+            device=config.device,
+            progress=progress, cancel=cancel)
     plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
     export = rep.export(plan, out, overwrite=overwrite, verify_images=clean,
                         metadata={"anp": config.to_dict(), "data": clean.source})
     files = list(export.files)
-    files += rep.save_masks(result.masks, masks_path, {"config": config.to_dict(),
-                                                      "preprocessing": rep.preprocessing.to_dict()},
-                            mean_masks=result.mean_masks)
+    files += rep.save_masks(result.masks, masks_path, {
+        "config": config.to_dict(), "preprocessing": rep.preprocessing.to_dict(),
+        "suspected_target": result.target, "probe": result.probe.to_dict() if result.probe else None},
+        mean_masks=result.mean_masks)
     after_model = load_model(out, layout=rep.model.input.layout) if (test or poisoned or val) else None
     after = holdout_before = holdout_after = None
     if before is not None:

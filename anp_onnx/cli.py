@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .anp import CPU_ITERATIONS, REFERENCE_ITERATIONS, ANPConfig
-from .curve import DEFAULT_MAX_DROP
+from .curve import DEFAULT_MAX_DROP, DEFAULT_SIGNAL_MAX_DROP
 from .api import DEFAULT_HOLDOUT, ModelInfo, RepairResult, evaluate_model, inspect_model, prune, repair
 from .data import PRESETS, Preprocessing
 from .errors import AnpOnnxError, Cancelled
@@ -70,28 +70,55 @@ def _neuron_options(p: argparse.ArgumentParser) -> None:
 
 
 def _pruning_options(p: argparse.ArgumentParser, auto_default: bool) -> None:
-    default = ("--auto: prune in mask order until held-out clean accuracy first drops by more than --max-drop"
+    default = ("--auto: the fewest neurons, in mask order, that remove the backdoor signal of the suspected "
+               "target (within --signal-max-drop of held-out accuracy); without one, prune until held-out clean "
+               "accuracy first drops by more than --max-drop"
                if auto_default else "--threshold 0.2, the reference's choice")
     g = p.add_argument_group(f"pruning (one of; default {default})")
     x = g.add_mutually_exclusive_group()
     x.add_argument("--auto", action="store_true",
-                   help="prune in mask order until clean accuracy first drops by more than --max-drop (needs clean data)")
+                   help="automatic choice from clean data only (needs held-out clean data; see the group's default)")
     x.add_argument("--threshold", type=float, help="prune every neuron with mask <= T (reference: 0.2)")
     x.add_argument("--count", type=int, help="prune the K neurons with the lowest masks")
     x.add_argument("--fraction", type=float, help="prune this fraction of all neurons, lowest masks first")
     g.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
-                   help=f"accuracy budget of --auto, as a fraction (default {DEFAULT_MAX_DROP} = 2 points)")
+                   help=f"accuracy budget of --auto without a backdoor signal, as a fraction (default "
+                        f"{DEFAULT_MAX_DROP} = 2 points)")
+    g.add_argument("--signal-max-drop", type=float, default=DEFAULT_SIGNAL_MAX_DROP,
+                   help="most held-out accuracy --auto may spend to remove the backdoor signal (default "
+                        f"{DEFAULT_SIGNAL_MAX_DROP} = 10 points)")
     p.set_defaults(auto_default=auto_default)
+
+
+def _anp_target(text: str):
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be auto, none or a class index, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a class index must be >= 0")
+    return value
 
 
 def _anp_options(p: argparse.ArgumentParser) -> None:
     d = ANPConfig()
-    g = p.add_argument_group("ANP optimisation (defaults: the reference code's)")
+    g = p.add_argument_group("ANP optimisation (defaults: the reference code's, but for --anp-target)")
+    g.add_argument("--anp-target", type=_anp_target, default=d.target, metavar="auto|none|CLASS",
+                   help="push the neuron noise towards a class: auto (default) when clean images under neuron "
+                        "noise clearly collapse to one class (the suspected backdoor target; models with "
+                        "normalisation layers), none = the reference's untargeted noise, or a class index")
+    g.add_argument("--reference", action="store_true",
+                   help="the reference ANP exactly: untargeted noise (--anp-target none) and, unless another "
+                        "pruning option is given, --threshold 0.2")
     g.add_argument("--iterations", type=int, default=None,
                    help=f"optimisation iterations, one batch each (default: {REFERENCE_ITERATIONS}, the reference, "
                         f"on a GPU; {CPU_ITERATIONS} on a CPU)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
-    g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation budget")
+    g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation budget of untargeted noise")
+    g.add_argument("--targeted-eps", type=float, default=d.targeted_eps,
+                   help="neuron perturbation budget of targeted noise (see --anp-target)")
     g.add_argument("--steps", type=int, default=d.steps, help="perturbation steps per iteration")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the clean loss (1-alpha: perturbed)")
     g.add_argument("--mask-lr", type=float, default=d.mask_lr, help="SGD learning rate of the masks")
@@ -167,6 +194,8 @@ def _spec(args: argparse.Namespace) -> PruneSpec:
         return PruneSpec.fraction(args.fraction)
     if args.threshold is not None:
         return PruneSpec.threshold(args.threshold)
+    if getattr(args, "reference", False) and not args.auto:
+        return PruneSpec.threshold(0.2)
     if args.auto or args.auto_default:
         return PruneSpec.auto(args.max_drop)
     return PruneSpec.threshold(0.2)
@@ -177,6 +206,7 @@ def _config(args: argparse.Namespace) -> ANPConfig:
         eps=args.eps, steps=args.steps, alpha=args.alpha, mask_lr=args.mask_lr, momentum=args.momentum,
         iterations=args.iterations, batch_size=args.batch_size, bn_mode=args.bn_mode, augment=not args.no_augment,
         crop_padding=args.crop_padding, project_noise=args.project_noise, seed=args.seed, device=args.device,
+        target=None if args.reference else args.anp_target, targeted_eps=args.targeted_eps,
     )
 
 
@@ -273,7 +303,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
             preprocessing=args.preprocess, layout=args.layout, holdout=holdout, test_data=args.test,
             poisoned_data=args.poisoned, target=args.target, masks_out=args.masks_out, overwrite=args.overwrite,
             kinds=args.kinds, include=args.layers, exclude=args.exclude_layers, report=not args.no_report,
-            progress=bar,
+            signal_max_drop=args.signal_max_drop, progress=bar,
         )
     finally:
         bar.close()
@@ -285,8 +315,17 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     rows += _score_rows(result.before, result.after, "test")
     if rows:
         print(_table(rows, ["", "before", "after"]))
+    opt = result.optimisation
+    if opt.probe is not None:
+        print(f"collapse probe: {opt.probe.describe()}")
+    print("ANP noise: " + (f"targeted at class {opt.target}" if opt.target is not None
+                           else "untargeted (the reference's)"))
     if result.curve is not None:
         c = result.curve
+        if c.suspected_target is not None:
+            state = "gone" if c.signal_gone else "still present"
+            print(f"backdoor signal at the automatic choice: {state} (target share "
+                  f"{_pct(c.chosen.signal) if c.chosen.signal is not None else '-'} of perturbation errors)")
         print(f"automatic choice: {c.chosen.count} neurons (mask <= {c.chosen.threshold:.3f}), held-out accuracy "
               f"{_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}; used: {result.plan.spec.describe()}")
     print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "

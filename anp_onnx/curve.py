@@ -2,10 +2,19 @@
 
 Neurons are pruned in mask order (lowest first; among equal masks, the one whose mask was lower on
 average during the optimisation goes first, i.e. the one that fell earlier). The *pruning curve* is
-clean accuracy, measured on held-out clean images, against the number of neurons pruned; the
-*automatic choice* prunes in that order until the accuracy drop first exceeds a budget (default
-2 points), and stops just before. A triggered set, when given, adds ASR to the curve for display; it never takes part in
-the choice.
+clean accuracy, measured on held-out clean images, against the number of neurons pruned, and, when
+the collapse probe named a suspected target (:mod:`anp_onnx.collapse`), the fraction of probed
+clean images a neuron perturbation sends to that target: the *backdoor signal*.
+
+The *automatic choice*:
+
+* with a suspected target, the fewest neurons whose pruning makes the backdoor signal go (at most
+  ``collapse.GONE_FRACTION`` of the unpruned model's, at two grid points in a row), provided
+  held-out accuracy stays within ``signal_max_drop`` (default 10 points) of the unpruned model's;
+* otherwise (no suspected target, or the signal does not go within that cost), prune until the
+  held-out accuracy drop first exceeds ``max_drop`` (default 2 points), and stop just before.
+
+A triggered set, when given, adds ASR to the curve for display; it never takes part in the choice.
 """
 
 from __future__ import annotations
@@ -15,23 +24,30 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .collapse import GONE_FRACTION
 from .errors import SettingsError
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
 from .prune import PruneSpec, RankedNeuron
 
 DEFAULT_MAX_DROP = 0.02
+DEFAULT_SIGNAL_MAX_DROP = 0.10
 DEFAULT_MAX_FRACTION = 0.5
 GRID_POINTS = 48
 
 
 @dataclass(frozen=True)
 class CurvePoint:
-    """Clean accuracy (and ASR when measured) with the ``count`` lowest-ranked neurons pruned."""
+    """Clean accuracy (and ASR when measured) with the ``count`` lowest-ranked neurons pruned.
+
+    ``signal`` is the fraction of probed clean images the collapse probe sent to the suspected
+    target (the backdoor signal), when it was measured at this point.
+    """
 
     count: int
     threshold: float
     accuracy: float
     asr: Optional[float] = None
+    signal: Optional[float] = None
 
 
 @dataclass
@@ -46,6 +62,8 @@ class PruningCurve:
     total: int
     rule: str = ""
     ranking: list[RankedNeuron] = field(default_factory=list, repr=False)
+    suspected_target: Optional[int] = None
+    signal_gone: Optional[bool] = None
 
     def spec(self) -> PruneSpec:
         """The automatic choice as a count."""
@@ -59,11 +77,13 @@ class PruningCurve:
         return {
             "baseline_accuracy": self.baseline, "max_drop": self.max_drop, "n_images": self.n_images,
             "total_neurons": self.total, "rule": self.rule, "chosen": asdict(self.chosen),
+            "suspected_target": self.suspected_target, "signal_gone": self.signal_gone,
             "points": [asdict(p) for p in self.points],
         }
 
 
-Evaluator = Callable[[Sequence[RankedNeuron]], tuple[float, Optional[float]]]
+#: evaluate(pruned neurons, measure_signal) -> (clean accuracy, ASR or None, backdoor signal or None)
+Evaluator = Callable[[Sequence[RankedNeuron], bool], tuple[float, Optional[float], Optional[float]]]
 
 
 def _first_crossing(measured: dict[int, CurvePoint], floor: float) -> int:
@@ -94,47 +114,75 @@ def compute_curve(
     n_images: int,
     max_drop: float = DEFAULT_MAX_DROP,
     max_fraction: float = DEFAULT_MAX_FRACTION,
+    suspected_target: Optional[int] = None,
+    signal_max_drop: float = DEFAULT_SIGNAL_MAX_DROP,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> PruningCurve:
     """Sweep pruning counts in ``ranking`` order with ``evaluate`` and choose automatically.
 
-    The sweep runs on a grid up to ``max_fraction`` of the neurons, stops early once accuracy has
-    fallen far below the budget, then measures every count between the last grid point within the
-    budget and the next one, so the choice is exact to one neuron.
+    The sweep runs on a grid up to ``max_fraction`` of the neurons and stops early once accuracy has
+    fallen far below what either rule accepts. The backdoor signal is measured (when there is a
+    ``suspected_target``) until it has gone; then every count between the last grid point before
+    the choice and the next one is measured, so the choice is exact to one neuron.
     """
-    if not 0 <= max_drop <= 1:
+    if not 0 <= max_drop <= 1 or not 0 <= signal_max_drop <= 1:
         raise SettingsError("the accuracy budget (max drop) must be in [0, 1]")
     if not 0 < max_fraction <= 1:
         raise SettingsError("max_fraction must be in (0, 1]")
     total = len(ranking)
     measured: dict[int, CurvePoint] = {}
+    with_signal = suspected_target is not None
 
-    def point(k: int) -> CurvePoint:
-        if k not in measured:
+    def point(k: int, signal: bool = False) -> CurvePoint:
+        if k not in measured or (signal and measured[k].signal is None):
             check(cancel)
-            acc, asr = evaluate(ranking[:k])
-            measured[k] = CurvePoint(k, ranking[k - 1].mask if k else 0.0, acc, asr)
+            acc, asr, share = evaluate(ranking[:k], signal)
+            measured[k] = CurvePoint(k, ranking[k - 1].mask if k else 0.0, acc, asr, share)
         return measured[k]
 
     grid = grid_counts(int(np.floor(max_fraction * total)))
-    baseline = point(0).accuracy
+    baseline = point(0, with_signal).accuracy
+    gone_level = GONE_FRACTION * (measured[0].signal or 0.0) if with_signal else 0.0
     floor_ok = baseline - max_drop
-    far = baseline - max(3 * max_drop, 0.10)
+    floor_signal = baseline - signal_max_drop
+    far = baseline - max(3 * max_drop, 0.10, signal_max_drop + 0.05 if with_signal else 0.0)
     below = 0
+    gone_at: Optional[int] = None
     for step, k in enumerate(grid, start=1):
-        p = point(k)
+        measure = with_signal and gone_at is None
+        p = point(k, measure)
         emit(progress, ProgressEvent("sweep", step, len(grid), metrics={"count": k, "accuracy": p.accuracy}))
+        if measure and p.signal is not None and p.signal <= gone_level and p.accuracy >= floor_signal:
+            nxt = grid[step] if step < len(grid) else None
+            if nxt is None or point(nxt, True).signal <= gone_level:
+                gone_at = k
         below = below + 1 if p.accuracy < far else 0
         if below >= 3:
             break
-    best = _first_crossing(measured, floor_ok)
-    after = [k for k in sorted(measured) if k > best]
-    if after and after[0] - best > 1:
-        for k in range(best + 1, after[0]):
-            point(k)
+    if gone_at is not None:
+        earlier = [g for g in grid if g < gone_at]
+        for k in range(earlier[-1] + 1 if earlier else 0, gone_at):
+            if point(k, True).signal <= gone_level and point(k).accuracy >= floor_signal:
+                gone_at = k
+                break
+        best = gone_at
+        rule = (f"the fewest neurons, in mask order, whose pruning removes the backdoor signal (neuron noise "
+                f"sends at most {GONE_FRACTION:.0%} as many clean images to suspected target {suspected_target} "
+                f"as before), with clean accuracy on {n_images} held-out images within "
+                f"{100 * signal_max_drop:g} points")
+    else:
         best = _first_crossing(measured, floor_ok)
+        after = [k for k in sorted(measured) if k > best]
+        if after and after[0] - best > 1:
+            for k in range(best + 1, after[0]):
+                point(k)
+            best = _first_crossing(measured, floor_ok)
+        rule = (f"pruning in mask order until clean accuracy on {n_images} held-out images first falls more "
+                f"than {100 * max_drop:g} points below the unpruned model's")
+        if with_signal:
+            rule += (f" (the backdoor signal of suspected target {suspected_target} did not go within "
+                     f"{100 * signal_max_drop:g} points of accuracy)")
     points = [measured[k] for k in sorted(measured)]
-    rule = (f"pruning in mask order until clean accuracy on {n_images} held-out images first falls more than "
-            f"{100 * max_drop:g} points below the unpruned model's")
-    return PruningCurve(points, baseline, measured[best], max_drop, n_images, total, rule, list(ranking))
+    return PruningCurve(points, baseline, measured[best], max_drop, n_images, total, rule, list(ranking),
+                        suspected_target, (gone_at is not None) if with_signal else None)

@@ -49,6 +49,8 @@ def report_dict(result: "RepairResult") -> dict:
             "iterations": result.optimisation.iterations, "seconds": round(result.optimisation.seconds, 2),
             "final_loss_nat": _last(result.optimisation.history.get("loss_nat")),
             "final_loss_rob": _last(result.optimisation.history.get("loss_rob")),
+            "noise_target": result.optimisation.target,
+            "collapse_probe": result.optimisation.probe.to_dict() if result.optimisation.probe else None,
         },
         "preprocessing": result.preprocessing.to_dict(),
         "conversion_parity_max_abs_diff": result.parity,
@@ -90,6 +92,10 @@ def plot_curve(result: "RepairResult", path: Path) -> None:
         pts = [(p.count, p.asr) for p in curve.points if p.asr is not None]
         ax.plot(*zip(*pts), "-", color="tab:red", label="attack success rate (evaluation only)")
     ax.axhline(curve.baseline - curve.max_drop, color="tab:blue", lw=0.8, ls=":", label="accuracy budget")
+    sig = [(p.count, p.signal) for p in curve.points if p.signal is not None]
+    if sig:
+        ax.plot(*zip(*sig), "o-", ms=2.5, color="tab:orange",
+                label=f"backdoor signal (share of class {curve.suspected_target})")
     ax.axvline(curve.chosen.count, color="k", lw=1, ls="--", label=f"automatic choice ({curve.chosen.count})")
     if result.plan.count != curve.chosen.count:
         ax.axvline(result.plan.count, color="tab:green", lw=1, ls="-.", label=f"used ({result.plan.count})")
@@ -124,6 +130,11 @@ def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
     lines += [f"anp-onnx {__version__}; ANP {result.optimisation.iterations} iterations on "
               f"{result.optimisation.device} in {result.optimisation.seconds:.1f} s (total {result.seconds:.1f} s).", ""]
     lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
+    opt = result.optimisation
+    if opt.probe is not None:
+        lines += [f"Collapse probe (clean images only): {opt.probe.describe()}.", ""]
+    lines += ["ANP neuron noise: " + (f"targeted at class {opt.target}." if opt.target is not None
+                                      else "untargeted (the reference's)."), ""]
     rows = [("held-out clean accuracy", result.holdout_before, result.holdout_after, "accuracy"),
             ("test accuracy", result.before, result.after, "accuracy"),
             ("attack success rate", result.before, result.after, "asr")]
@@ -140,7 +151,9 @@ def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
     if result.curve is not None:
         c = result.curve
         lines += ["## Pruning curve", "", f"Automatic choice: {c.rule}: **{c.chosen.count} neurons** "
-                  f"(mask <= {c.chosen.threshold:.4f}), accuracy {_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}.", "",
+                  f"(mask <= {c.chosen.threshold:.4f}), accuracy {_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}"
+                  + (f"; backdoor signal {'gone' if c.signal_gone else 'still present'}"
+                     if c.signal_gone is not None else "") + ".", "",
                   f"![pruning curve]({paths['curve'].name})", ""]
     lines += ["## Mask values", "", f"![mask histogram]({paths['masks'].name})", "",
               f"{data['neurons']['masks_at_zero']} masks at 0, {data['neurons']['masks_below_0.2']} at or below 0.2.", ""]

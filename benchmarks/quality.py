@@ -1,7 +1,8 @@
 """Repair quality on every sample model: ACC/ASR before and after, neurons pruned, time.
 
     python benchmarks/quality.py                      # all sample models, default settings
-    python benchmarks/quality.py --models ibau_badnets_vgg --iterations 2000 --eps 0.4
+    python benchmarks/quality.py --models ibau_badnets_vgg --iterations 2000
+    python benchmarks/quality.py --reference --pruning threshold=0.2   # the reference ANP throughout
 
 Each model's card (sample_models/<model>.json) names its trigger and target class; the triggered
 test set is made on the fly from the bundled clean test set with sample_models/triggers.py. The
@@ -62,13 +63,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", help="sample model names (default: all)")
     p.add_argument("--iterations", type=int, help="ANP iterations (default: anp-onnx's default for the device)")
     p.add_argument("--eps", type=float, help="ANP eps (default: anp-onnx's default)")
+    p.add_argument("--reference", action="store_true", help="the reference ANP loop (untargeted noise)")
     p.add_argument("--pruning", type=parse_spec, default=PruneSpec(), help="auto[=budget], threshold=T, count=K")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = p.parse_args(argv)
 
-    config = anp_onnx.ANPConfig(device=args.device, seed=args.seed)
+    config = (anp_onnx.ANPConfig.reference if args.reference else anp_onnx.ANPConfig)(device=args.device,
+                                                                                      seed=args.seed)
     if args.iterations:
         config = replace(config, iterations=args.iterations)
     if args.eps is not None:
@@ -87,12 +90,6 @@ def main(argv=None) -> int:
                 poisoned_data=poisoned, target=card["attack"]["target_class"],
                 masks_out=Path(tmp) / f"{card['name']}.masks.json", report=False,
             )
-            # the reference's fixed threshold on the same masks (no new optimisation)
-            ref_plan, ref_export = anp_onnx.prune(
-                SAMPLES / card["file"], Path(tmp) / f"{card['name']}.masks.json",
-                out=Path(tmp) / f"{card['name']}_t02.onnx", pruning=PruneSpec.threshold(0.2))
-            ref = anp_onnx.evaluate_model(ref_export.path, SAMPLES / metrics["clean_set"], poisoned=poisoned,
-                                          target=card["attack"]["target_class"])
             row = {
                 "model": card["name"], "attack": card["attack"]["name"], "neurons": result.plan.total,
                 "acc_before": result.before.accuracy, "acc_after": result.after.accuracy,
@@ -100,18 +97,22 @@ def main(argv=None) -> int:
                 "pruned": result.plan.count, "pruning": result.plan.spec.describe(),
                 "iterations": result.optimisation.iterations, "seconds": round(time.perf_counter() - t0, 1),
                 "device": result.optimisation.device,
-                "ref_t02_pruned": ref_plan.count, "ref_t02_acc": ref.accuracy, "ref_t02_asr": ref.asr,
+                "noise_target": result.optimisation.target,
+                "probe": result.optimisation.probe.to_dict() if result.optimisation.probe else None,
+                "signal_gone": result.curve.signal_gone if result.curve is not None else None,
+                "rule": result.curve.rule if result.curve is not None else None,
             }
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     print("| model | attack | ACC before → after | ASR before → after | neurons pruned | time "
-          "| reference t=0.2: pruned, ACC, ASR |")
-    print("|---|---|---|---|---|---|---|")
+          "| noise target (probe) | backdoor signal |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        signal = {True: "gone", False: "stayed", None: "-"}[r["signal_gone"]]
         print(f"| {r['model']} | {r['attack']} | {100 * r['acc_before']:.1f}% → {100 * r['acc_after']:.1f}% | "
               f"{100 * r['asr_before']:.1f}% → {100 * r['asr_after']:.1f}% | {r['pruned']} / {r['neurons']} | "
-              f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']}) | {r['ref_t02_pruned']}, "
-              f"{100 * r['ref_t02_acc']:.1f}%, {100 * r['ref_t02_asr']:.1f}% |")
+              f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']}) | "
+              f"{'-' if r['noise_target'] is None else r['noise_target']} | {signal} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "command": " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:])),

@@ -162,6 +162,9 @@ class PruningCurvePlot(PlotCanvas):
         if any(a is not None for a in asr):
             ax.plot(counts, [np.nan if a is None else a for a in asr], marker="s", markersize=3, color=_RED,
                     label="attack success rate")
+        sig = [(p.count, p.signal) for p in points if getattr(p, "signal", None) is not None]
+        if sig:
+            ax.plot(*zip(*sig), marker=".", markersize=3, color="#e67e00", label="backdoor signal")
         if baseline is not None and max_drop is not None:
             ax.axhline(baseline - max_drop, color=_BLUE, linestyle=":", linewidth=1,
                        label=f"accuracy budget ({100 * max_drop:g} points)")

@@ -92,6 +92,7 @@ class Session:
     data_parity: Optional[float] = None
     masks: Optional[dict] = None
     mean_masks: Optional[dict] = None              # tie-breakers for the neuron ranking
+    suspected_target: Optional[int] = None         # from the collapse probe: drives the automatic choice
     mask_result: Optional[anp_onnx.MaskResult] = None
     masks_source: str = ""
     curve: Any = None
@@ -127,7 +128,7 @@ class Session:
             self.clean = self.train = self.holdout = self.test = self.poisoned = None
             self.target = self.data_parity = None
         if level <= 2:
-            self.masks = self.mean_masks = self.mask_result = None
+            self.masks = self.mean_masks = self.mask_result = self.suspected_target = None
             self.masks_source = ""
             self.curve, self.curve_where = None, ""
         if level <= 3:

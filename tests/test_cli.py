@@ -445,6 +445,8 @@ def test_error_threshold_out_of_range(files, repaired, bad, capsys) -> None:
     (["evaluate", "MODEL", "--target", "two"], "--target"),
     (["repair", "MODEL", "--data", "DATA", "--out", "o.onnx", "--count", "3", "--threshold", "0.1"], "--threshold"),
     (["inspect", "MODEL", "--layout", "CHWN"], "--layout"),
+    (["repair", "MODEL", "--data", "DATA", "--out", "o.onnx", "--anp-target", "ship"], "--anp-target"),
+    (["repair", "MODEL", "--data", "DATA", "--out", "o.onnx", "--anp-target", "-2"], "--anp-target"),
 ])
 def test_error_argparse_usage(files, capsys, argv: list[str], contains: str) -> None:
     argv = [{"MODEL": str(files["model"]), "DATA": str(files["clean"])}.get(a, a) for a in argv]
@@ -460,6 +462,27 @@ def test_error_from_real_console_is_one_line(bad) -> None:
     assert proc.stdout == ""
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("anp-onnx: error: no neurons to prune") and "BatchNormalization" in proc.stderr
+
+
+def test_anp_target_and_reference_options() -> None:
+    from anp_onnx.cli import _config, _spec, build_parser
+
+    base = ["repair", "m.onnx", "--data", "d", "--out", "o.onnx"]
+    args = build_parser().parse_args(base)
+    assert _config(args).target == "auto" and _config(args).targeted_eps == 0.2 and _spec(args).mode == "auto"
+    args = build_parser().parse_args(base + ["--anp-target", "none"])
+    assert _config(args).target is None and _spec(args).mode == "auto"
+    args = build_parser().parse_args(base + ["--anp-target", "3", "--targeted-eps", "0.1"])
+    assert _config(args).target == 3 and _config(args).targeted_eps == 0.1
+    args = build_parser().parse_args(base + ["--reference"])
+    assert _config(args) == anp_onnx.ANPConfig.reference() and _spec(args) == anp_onnx.PruneSpec.threshold(0.2)
+    args = build_parser().parse_args(base + ["--reference", "--count", "7"])
+    assert _config(args).target is None and _spec(args) == anp_onnx.PruneSpec.count(7)
+
+
+def test_repair_prints_what_the_noise_aimed_at(repaired) -> None:
+    # the tiny random model does not collapse to one class: the reference's untargeted noise is used
+    assert "ANP noise: " in repaired["stdout"]
 
 
 def test_kinds_option(files, capsys) -> None:

@@ -18,11 +18,16 @@ def _ranking(n):
     return [RankedNeuron("layer", i, i / n) for i in range(n)]
 
 
-def _evaluator(acc_of_count, calls=None):
-    def evaluate(chosen):
+def _evaluator(acc_of_count, calls=None, signal_of_count=None, signal_calls=None):
+    def evaluate(chosen, signal):
         if calls is not None:
             calls.append(len(chosen))
-        return acc_of_count(len(chosen)), None
+        share = None
+        if signal and signal_of_count is not None:
+            share = signal_of_count(len(chosen))
+            if signal_calls is not None:
+                signal_calls.append(len(chosen))
+        return acc_of_count(len(chosen)), None, share
     return evaluate
 
 
@@ -49,6 +54,36 @@ def test_budget_is_respected_and_sweep_stops_early():
     assert curve.chosen.count == 20  # 0.9 - 0.02: the last count whose drop is <= 2 points
     assert curve.baseline - curve.chosen.accuracy <= 0.02 + 1e-12
     assert max(calls) < 500  # stopped once accuracy was far below the budget
+
+
+def test_signal_rule_prunes_until_the_backdoor_signal_goes():
+    # the suspected target takes half the errors until 57 neurons are pruned, then almost none;
+    # accuracy falls slowly (4 points at 57: beyond the 2-point budget, within the 10-point cap)
+    signal_calls = []
+    curve = compute_curve(_ranking(400), _evaluator(lambda k: 0.9 - 0.0007 * k, None,
+                                                    lambda k: 0.5 if k < 57 else 0.01, signal_calls),
+                          n_images=100, max_drop=0.02, suspected_target=3)
+    assert curve.chosen.count == 57 and curve.signal_gone is True and curve.suspected_target == 3
+    assert curve.chosen.signal == pytest.approx(0.01)
+    assert "backdoor signal" in curve.rule and "target 3" in curve.rule
+    assert max(signal_calls) <= 70  # the probe is not run once the signal has gone
+    assert curve.to_dict()["signal_gone"] is True
+
+
+def test_signal_rule_ignores_a_single_noisy_dip():
+    # one grid point dips below the gone level, the next does not: not gone there
+    dip = lambda k: 0.02 if k == 40 else (0.4 if k < 100 else 0.0)  # noqa: E731
+    curve = compute_curve(_ranking(400), _evaluator(lambda k: 0.9, None, dip), n_images=100,
+                          suspected_target=1)
+    assert curve.chosen.count > 40 and curve.signal_gone
+
+
+def test_signal_rule_falls_back_to_the_budget_when_the_signal_stays():
+    # the signal never goes before accuracy falls more than 10 points: the 2-point budget decides
+    curve = compute_curve(_ranking(400), _evaluator(lambda k: 0.9 - 0.001 * k, None, lambda k: 0.5),
+                          n_images=100, max_drop=0.02, suspected_target=0)
+    assert curve.chosen.count == 20 and curve.signal_gone is False
+    assert "did not go" in curve.rule
 
 
 def test_choice_stops_at_the_first_crossing_not_a_lucky_later_point():

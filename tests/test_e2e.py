@@ -36,8 +36,11 @@ def test_planted_backdoor_is_removed(tmp_path):
     again = anp_onnx.evaluate_model(result.output, tmp_path / "test.npz",
                                     poisoned=tmp_path / "triggered.npz", target=0)
     assert again.asr == pytest.approx(after.asr) and again.accuracy == pytest.approx(after.accuracy)
+    # the collapse probe named the planted target from clean images only; the loop was targeted
+    assert result.optimisation.target == 0 and result.optimisation.probe.suspected_target == 0
     # the automatic choice used clean data only; it is reported with its curve
     assert result.curve is not None and result.curve.chosen.count == result.plan.count
+    assert result.curve.suspected_target == 0 and result.curve.points[0].signal > 0
     # re-pruning the same count from the saved masks (their tie-breakers included) needs no new
     # optimisation and reproduces the file's pruning exactly
     plan, _ = anp_onnx.prune(model, tmp_path / "repaired.masks.json", out=tmp_path / "again.onnx",

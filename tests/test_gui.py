@@ -123,7 +123,12 @@ def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
     win.go_to("settings")
     win.settings_page.set_values(iterations=7, eps=0.1)
     qtbot.mouseClick(win.settings_page.defaults, Qt.MouseButton.LeftButton)
-    assert win.settings_page.config() == anp_onnx.ANPConfig()  # the reference defaults
+    assert win.settings_page.config() == anp_onnx.ANPConfig()  # the defaults
+    qtbot.mouseClick(win.settings_page.reference, Qt.MouseButton.LeftButton)
+    assert win.settings_page.config() == anp_onnx.ANPConfig.reference()  # untargeted noise
+    assert win.settings_page.fields["target"].currentData() == "none"
+    qtbot.mouseClick(win.settings_page.defaults, Qt.MouseButton.LeftButton)
+    assert win.settings_page.config().target == "auto"
     win.settings_page.set_values(iterations=20, batch_size=16)
     win.go_to("run")
     with qtbot.waitSignal(win.run_page.runFinished, timeout=TIMEOUT) as finished:

@@ -51,8 +51,12 @@ class PerturbedModule(nn.Module):
     """Per-neuron mask m (init 1) and relative noise on weight (d) and bias (x), as in ANP.
 
     With noise the neuron's weight is scaled by (m + d) and its bias by (1 + x); without noise by m
-    and 1. Subclasses apply :meth:`coefficients` to their own weight and bias.
+    and 1. Subclasses apply :meth:`coefficients` to their own weight and bias. ``normalises`` says
+    whether the layer renormalises its input (BatchNorm with batch statistics, InstanceNorm,
+    LayerNorm), which the collapse probe needs (see anp_onnx.collapse).
     """
+
+    normalises: ClassVar[bool] = False
 
     def __init__(self, size: int) -> None:
         super().__init__()

@@ -20,6 +20,8 @@ class PerturbedBatchNorm(PerturbedModule):
     unlike torch's train mode, never updates the running statistics.
     """
 
+    normalises = True
+
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__(bn.num_features)
         self.register_buffer("weight", bn.weight.detach().clone())

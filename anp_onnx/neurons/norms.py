@@ -39,6 +39,8 @@ def _scaled(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], wc: to
 class PerturbedInstanceNorm(PerturbedModule):
     """InstanceNorm with gamma scaled by (m + d) and beta by (1 + x), per channel."""
 
+    normalises = True
+
     def __init__(self, norm: nn.modules.instancenorm._InstanceNorm) -> None:
         super().__init__(norm.num_features)
         self.register_buffer("weight", norm.weight.detach().clone())
@@ -53,6 +55,8 @@ class PerturbedInstanceNorm(PerturbedModule):
 
 class PerturbedLayerNorm(PerturbedModule):
     """LayerNorm with each element of gamma scaled by (m + d) and of beta by (1 + x)."""
+
+    normalises = True
 
     def __init__(self, norm: nn.LayerNorm) -> None:
         super().__init__(int(norm.weight.numel()))
@@ -72,6 +76,8 @@ class PerturbedFunctionalNorm(PerturbedModule):
 
     Used only if onnx2torch did not see the parameters as initializers; ``inner`` computes the norm.
     """
+
+    normalises = True
 
     def __init__(self, inner: nn.Module, size: int) -> None:
         super().__init__(size)

@@ -245,6 +245,7 @@ class PrunePage(Page):
         if s.masks is None or clean is None or self.win.runner.busy:
             return
         rep, masks, tiebreak, poisoned, target = s.repairer, s.masks, s.mean_masks, s.poisoned, s.target
+        suspected, signal_data = s.suspected_target, s.train
         max_drop = self.budget.value() / 100
         device = self.win.settings_page.config().device
         self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
@@ -252,7 +253,8 @@ class PrunePage(Page):
 
         def job(progress, cancel):
             return rep.pruning_curve(masks, clean, tiebreak=tiebreak, poisoned=poisoned, target=target,
-                                     max_drop=max_drop, device=device, progress=progress, cancel=cancel)
+                                     max_drop=max_drop, suspected_target=suspected, signal_data=signal_data,
+                                     device=device, progress=progress, cancel=cancel)
 
         self.win.runner.start("Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
                               on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
@@ -276,10 +278,16 @@ class PrunePage(Page):
         self.plot.show_curve(curve.points, curve.chosen, len(self._ranked), baseline=curve.baseline,
                              max_drop=curve.max_drop)
         chosen = curve.chosen
+        if curve.signal_gone:
+            how = (f"the fewest neurons whose pruning removes the backdoor signal of suspected target "
+                   f"{curve.suspected_target}")
+        else:
+            how = (f"the pruning just before clean accuracy first drops by more than {100 * curve.max_drop:g} points"
+                   + (f" (the backdoor signal of suspected target {curve.suspected_target} did not go)"
+                      if curve.signal_gone is False else ""))
         self.curve_info.setText(
             f"Accuracy measured on {esc(where)}; unpruned: {pct(curve.baseline)}. Automatic choice: "
-            f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), the pruning just before clean accuracy "
-            f"first drops by more than {100 * curve.max_drop:g} points: {pct(chosen.accuracy)}"
+            f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), {esc(how)}: {pct(chosen.accuracy)}"
             + (f", attack success rate {pct(chosen.asr)}" if chosen.asr is not None else "") + ".")
         if self._touched and s.plan is not None:
             self._apply(s.plan.spec, touched=False)  # keep the user's choice, now with curve figures

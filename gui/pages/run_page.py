@@ -162,7 +162,8 @@ class RunPage(Page):
 
     def _done(self, result: anp_onnx.MaskResult) -> None:
         self.state = "done"
-        self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks)
+        self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks,
+                       result.target)
         self.progress.setValue(self.progress.maximum())
         self.eta.setText(f"Finished {result.iterations:,} iterations in {duration(result.seconds)}.")
         self.loss_plot.set_history(result.history)
@@ -182,16 +183,22 @@ class RunPage(Page):
         self.set_busy(False)
         self.runFinished.emit("failed")
 
-    def use_masks(self, masks: dict, source: str, result=None, mean_masks=None) -> None:
+    def use_masks(self, masks: dict, source: str, result=None, mean_masks=None, suspected_target=None) -> None:
         s = self.session
         s.reset_from("masks")
         s.masks, s.mask_result, s.masks_source = masks, result, source
         s.mean_masks = dict(mean_masks) if mean_masks else None
+        s.suspected_target = suspected_target
         values = [float(v) for m in masks.values() for v in m]
         low = sum(v <= 0.2 for v in values)
         seconds = f" in {duration(result.seconds)} on {esc(result.device)}" if result is not None else ""
+        probe = ""
+        if result is not None and result.probe is not None:
+            probe = f" Collapse probe: {esc(result.probe.describe())}."
+        noise = (f" Neuron noise targeted at class {suspected_target}." if suspected_target is not None
+                 else " Neuron noise untargeted (the reference's).") if result is not None else ""
         self.result.setText(f"<b>Masks ready</b> ({esc(source)}{seconds}): {low} of {len(values)} neurons have a "
-                            f"mask of 0.2 or less. Continue with <b>Prune</b>.")
+                            f"mask of 0.2 or less.{probe}{noise} Continue with <b>Prune</b>.")
         self.mask_plot.show_masks(masks, threshold=0.2)
         self.win.session_changed()
 
@@ -213,7 +220,9 @@ class RunPage(Page):
         self.settings.remember_folder("masks", path)
         self.state = "idle"
         self.loss_plot.reset()
-        self.use_masks(dict(masks), f"loaded from {Path(path).name}", mean_masks=facts.get("mean_masks"))
+        target = facts.get("suspected_target")
+        self.use_masks(dict(masks), f"loaded from {Path(path).name}", mean_masks=facts.get("mean_masks"),
+                       suspected_target=target if isinstance(target, int) else None)
 
     def browse_save_masks(self) -> None:
         s = self.session
@@ -227,6 +236,7 @@ class RunPage(Page):
         extra = {"preprocessing": s.repairer.preprocessing.to_dict()}
         if s.mask_result is not None and self.run_config is not None:
             extra["config"] = self.run_config.to_dict()
+        extra["suspected_target"] = s.suspected_target
         try:
             files = s.repairer.save_masks(s.masks, path, extra, mean_masks=s.mean_masks)
         except (OSError, anp_onnx.AnpOnnxError) as exc:

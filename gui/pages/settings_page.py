@@ -22,6 +22,11 @@ HELP = {
     "batch_size": "How many clean images each step looks at. Reference: 128.",
     "eps": "How hard the neurons are shaken (relative perturbation of their weights) to expose the ones the "
            "backdoor relies on. Larger values find more, but also hurt clean accuracy. Reference: 0.4.",
+    "target": "Automatic: first check where clean images go when the neurons are shaken; if most errors land "
+              "in one class (the suspected backdoor target; models with normalisation layers), shake the neurons "
+              "towards that class, and prune until the pull towards it is gone. None: the reference's "
+              "untargeted shaking.",
+    "targeted_eps": "Perturbation strength when the shaking is aimed at the suspected target. Default 0.2.",
     "steps": "How many times per step the perturbation is sharpened to do the most damage. Reference: 1.",
     "alpha": "Balance between keeping clean accuracy (1) and resisting perturbation (0). Reference: 0.2.",
     "mask_lr": "How fast the neuron masks move per step. Reference: 0.2.",
@@ -50,8 +55,8 @@ def detected_device() -> str:
 
 class SettingsPage(Page):
     title = "3. Settings"
-    subtitle = "The defaults are those of the ANP reference code and suit most models; hover over a setting " \
-               "to see what it does. Fewer iterations are fine for a first look."
+    subtitle = "The defaults are those of the ANP reference code, but for aiming the perturbation at a suspected " \
+               "target; hover over a setting to see what it does. Fewer iterations are fine for a first look."
 
     def __init__(self, window) -> None:
         super().__init__(window)
@@ -62,7 +67,12 @@ class SettingsPage(Page):
         self._spin("iterations", 0, 1_000_000, form, "Iterations")
         self.fields["iterations"].setSpecialValueText("automatic")
         self._spin("batch_size", 2, 65536, form, "Images per step (batch size)")
+        target = QComboBox(self)
+        target.addItem("Automatic (suspected target)", "auto")
+        target.addItem("None: untargeted (reference)", "none")
+        self._add("target", target, form, "Aim the perturbation", target.currentIndexChanged)
         self._double("eps", 0.0, 5.0, 0.05, form, "Perturbation strength (eps)")
+        self._double("targeted_eps", 0.0, 5.0, 0.05, form, "Aimed perturbation strength")
         self._spin("steps", 1, 100, form, "Perturbation steps")
         self._double("alpha", 0.0, 1.0, 0.05, form, "Clean-loss weight (alpha)")
         self._double("mask_lr", 0.0001, 10.0, 0.05, form, "Mask learning rate", decimals=4)
@@ -93,10 +103,15 @@ class SettingsPage(Page):
         row.addWidget(more, 1)
         self.body.addLayout(row)
         buttons = QHBoxLayout()
-        self.defaults = QPushButton("Restore reference defaults", self)
+        self.defaults = QPushButton("Restore defaults", self)
         self.defaults.setObjectName("defaultsButton")
         self.defaults.clicked.connect(lambda: self.set_config(ANPConfig()))
         buttons.addWidget(self.defaults)
+        self.reference = QPushButton("Reference ANP", self)
+        self.reference.setObjectName("referenceButton")
+        self.reference.setToolTip("The reference code's settings exactly: untargeted perturbation.")
+        self.reference.clicked.connect(lambda: self.set_config(ANPConfig.reference()))
+        buttons.addWidget(self.reference)
         buttons.addStretch(1)
         self.body.addLayout(buttons)
         self.problem = rich(self, "", "settingsProblem")
@@ -148,6 +163,8 @@ class SettingsPage(Page):
                 value = getattr(config, key)
                 if key == "device":
                     value = value.split(":")[0] if torch.cuda.is_available() else "auto"
+                if key == "target":
+                    value = "none" if value is None else "auto"
                 if isinstance(widget, QComboBox):
                     widget.setCurrentIndex(max(0, widget.findData(value)))
                 elif isinstance(widget, QCheckBox):
@@ -177,6 +194,7 @@ class SettingsPage(Page):
                 values[key] = widget.value()
         values["crop_padding"] = None if values["crop_padding"] < 0 else values["crop_padding"]
         values["iterations"] = values["iterations"] or None
+        values["target"] = None if values["target"] == "none" else values["target"]
         return ANPConfig(**values)
 
     def _changed(self, *args) -> None:
@@ -200,5 +218,5 @@ class SettingsPage(Page):
             run_page.refresh()
 
     def set_busy(self, busy: bool) -> None:
-        for widget in [*self.fields.values(), self.defaults]:
+        for widget in [*self.fields.values(), self.defaults, self.reference]:
             widget.setEnabled(not busy)

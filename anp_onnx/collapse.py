@@ -1,0 +1,175 @@
+"""A backdoor signal from clean data alone: where clean images go under adversarial neuron noise.
+
+ANP's own observation (Wu & Wang 2021, Sec. 3) is that a backdoored network *collapses* towards its
+target class when its neurons are perturbed slightly: the errors an adversarial neuron perturbation
+causes on clean images mostly land in one class. This module measures that, with nothing but clean
+images:
+
+* :func:`probe_collapse` applies one signed-gradient step of relative neuron noise (size ``eps``,
+  the same perturbation as ANP's, from zero) that raises the cross-entropy on clean images, with
+  normalisation layers using the batch's statistics as during ANP, and counts which class each
+  image that became wrong is now predicted as;
+* :func:`find_target` runs it at ``PROBE_EPS`` (twice that when too few images went wrong);
+* :class:`CollapseProbe` says which class took the largest *share* of those errors and whether that
+  share is strong enough to name a *suspected target*.
+
+Measured on the six sample models (BatchNorm networks, see benchmarks/): the suspected target is the
+attack's target on all five with BatchNorm layers (error shares 0.48-0.73, next class 0.10-0.25).
+With BatchNorm folded away nothing renormalises the perturbed activations, the errors go to a class
+that is not the target, so the probe is only trusted for models whose neurons normalise (BatchNorm,
+InstanceNorm, LayerNorm); elsewhere anp-onnx falls back to the reference behaviour.
+
+The suspected target is used twice (see anp.py and curve.py): ANP's noise step can push towards it
+(targeted perturbation), and after pruning the same probe measures the *backdoor signal*, the
+fraction of probed clean images the perturbation sends to the suspected target; it counts as gone
+at a tenth of the unpruned model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import ImageSet
+from .neurons import PerturbedModule
+
+#: Relative neuron noise of the probe (half the reference ANP eps: strong enough to make a backdoored
+#: network collapse, weak enough to leave most clean images correct).
+PROBE_EPS = 0.2
+#: A class is the suspected target when it takes at least this share of the perturbation's errors ...
+MIN_SHARE = 0.3
+#: ... and at least this many times the share of the runner-up.
+MIN_RATIO = 2.0
+#: After pruning, the backdoor signal (the fraction of probed clean images the perturbation sends to
+#: the suspected target) counts as gone when it is at most this fraction of the unpruned model's.
+GONE_FRACTION = 0.1
+PROBE_IMAGES = 256
+#: Probe batches (random images, random starting noise) whose errors are pooled.
+PROBE_REPEATS = 4
+#: Fewer errors than this say too little about where they go: the probe retries with twice the noise.
+MIN_ERRORS = 10
+
+
+@dataclass(frozen=True)
+class CollapseProbe:
+    """Where the errors of an adversarial neuron perturbation on clean images went, by class."""
+
+    eps: float
+    counts: tuple[int, ...]
+    images: int
+
+    @property
+    def errors(self) -> int:
+        return int(sum(self.counts))
+
+    def share(self, cls: int) -> float:
+        """Share of the errors predicted as ``cls`` (0 when there were no errors)."""
+        return self.counts[cls] / self.errors if self.errors else 0.0
+
+    def rate(self, cls: int) -> float:
+        """Fraction of the probed images the perturbation sent to ``cls`` (the backdoor signal)."""
+        return self.counts[cls] / self.images if self.images else 0.0
+
+    @property
+    def top(self) -> int:
+        return int(np.argmax(self.counts))
+
+    @property
+    def ratio(self) -> float:
+        """Top share over the runner-up's (inf when only one class got errors)."""
+        ordered = sorted(self.counts, reverse=True)
+        return float("inf") if len(ordered) < 2 or ordered[1] == 0 else ordered[0] / ordered[1]
+
+    @property
+    def suspected_target(self) -> Optional[int]:
+        """The class the network collapses to, when the collapse is clear enough to name it."""
+        if self.errors < MIN_ERRORS:
+            return None
+        if self.share(self.top) >= MIN_SHARE and self.ratio >= MIN_RATIO:
+            return self.top
+        return None
+
+    def describe(self) -> str:
+        if not self.errors:
+            return f"no clean image became wrong under neuron noise {self.eps:g}"
+        head = (f"{self.errors} of {self.images} clean images became wrong under neuron noise {self.eps:g}; "
+                f"class {self.top} took {self.share(self.top):.0%} of them")
+        t = self.suspected_target
+        if t is not None:
+            return head + f": suspected backdoor target {t}"
+        return head + (": too few errors to name a target" if self.errors < MIN_ERRORS
+                       else ": no single class dominates")
+
+    def to_dict(self) -> dict:
+        return {"eps": self.eps, "images": self.images, "errors": self.errors, "counts": list(self.counts),
+                "top": self.top, "top_share": self.share(self.top), "suspected_target": self.suspected_target}
+
+
+def probe_supported(modules: Iterable[PerturbedModule]) -> bool:
+    """Whether the probe can be trusted for these neurons: all of them renormalise their input."""
+    modules = list(modules)
+    return bool(modules) and all(m.normalises for m in modules)
+
+
+def find_target(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,
+                device: str = "cpu") -> CollapseProbe:
+    """The collapse probe at :data:`PROBE_EPS`, retried at twice that when too few images went wrong."""
+    modules = list(modules)
+    probe = probe_collapse(net, modules, data, device=device)
+    if probe.errors < MIN_ERRORS:
+        probe = probe_collapse(net, modules, data, eps=2 * PROBE_EPS, device=device)
+    return probe
+
+
+def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,
+                   eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
+                   repeats: int = PROBE_REPEATS, seed: int = 0) -> CollapseProbe:
+    """Count where clean images go under adversarial neuron noise of size ``eps``.
+
+    ``repeats`` times: a batch of up to ``max_images`` of ``data`` (a seeded random choice, so
+    class-sorted data is mixed), normalised with its own statistics as in ANP; from zero noise, one
+    signed-gradient step of size ``eps`` that raises the cross-entropy (ANP's noise step; a random
+    start made the errors scatter on the sample models); the predictions that became wrong are
+    counted by class and pooled over the batches. The masks currently set in ``modules`` stay in place, so this also measures a pruned
+    model; the noise is zero again afterwards.
+    """
+    modules = list(modules)
+    n = min(len(data), max_images)
+    rng = np.random.default_rng(seed)
+    params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
+    masks = [m.neuron_mask.requires_grad for m in modules]
+    counts = None
+    net.to(device).eval()
+    try:
+        for m in modules:
+            m.neuron_mask.requires_grad_(False)
+            m.batch_stats = True
+            m.perturbed = True
+        for r in range(repeats):
+            pick = np.sort(rng.permutation(len(data))[:n])
+            x = torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device)
+            y = torch.from_numpy(data.y[pick].astype(np.int64)).to(device)
+            for m in modules:
+                m.reset_noise(0.0)
+            loss = F.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.add_(eps * g.sign())
+                out = net(x)
+            pred = out.argmax(1)
+            wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(out.shape[1]))
+            counts = wrong if counts is None else counts + wrong
+    finally:
+        for m, req in zip(modules, masks):
+            m.perturbed = False
+            m.batch_stats = False
+            m.reset_noise(0.0)
+            m.neuron_mask.requires_grad_(req)
+    return CollapseProbe(float(eps), tuple(int(c) for c in counts), n * repeats)
