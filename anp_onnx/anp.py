@@ -1,9 +1,14 @@
-"""The ANP mask optimisation, faithful to the reference code by default (see docs/ANP_SPEC).
+"""The ANP mask optimisation: the reference code's loop and defaults (see ANP_SPEC), plus one option.
 
 One iteration per batch: re-draw the neuron noise in [-eps, eps]; ``steps`` signed-gradient ascent
 steps on the noise; one SGD step on the masks for
 ``alpha * CE(clean) + (1 - alpha) * CE(perturbed)``; clamp masks to [0, 1]. Everything but the masks
 and the noise stays frozen.
+
+The option, on by default (``ANPConfig.target="auto"``): when the collapse probe
+(:mod:`anp_onnx.collapse`) names a suspected target, the noise steps pull images towards it and the
+perturbed loss is the pull, ``-log(1 - p_target)`` on images of other classes (see ANPConfig).
+``ANPConfig.reference()`` is the reference loop exactly.
 """
 
 from __future__ import annotations

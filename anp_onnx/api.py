@@ -33,7 +33,7 @@ from .model import InputSpec, LoadedModel, load_model
 from .neurons import NeuronLayer, NeuronSearch, find_neurons
 from .progress import CancelToken, ProgressCallback
 from .report import report_paths, write_report
-from .collapse import find_target, probe_collapse
+from .collapse import MIN_PULL, PROBE_EPS, probe_pull
 from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, DEFAULT_SIGNAL_MAX_DROP, PruningCurve, compute_curve
 from .evaluate import infer_target
 from .prune import (
@@ -221,7 +221,7 @@ class Repairer:
                 target = infer_target(torch_logits(self.net, poisoned.x, device).argmax(1))
             keep = poisoned.y != target
         probe_set = signal_data if signal_data is not None else clean
-        signal_eps: list[float] = []  # the probe's noise, fixed on the unpruned model (as find_target)
+        signal_eps: list[float] = []  # the probe's noise, fixed on the unpruned model
 
         def evaluate_prefix(chosen, signal):
             self.apply_plan(plan_from_neurons(masks, chosen, PruneSpec.count(len(chosen))))
@@ -231,10 +231,12 @@ class Repairer:
                 pred = torch_logits(self.net, poisoned.x[keep], device).argmax(1)
                 asr = float((pred == target).mean())
             if signal and suspected_target is not None:
+                modules = self.modules.values()
                 if not signal_eps:
-                    signal_eps.append(find_target(self.net, self.modules.values(), probe_set, device=device).eps)
-                share = probe_collapse(self.net, self.modules.values(), probe_set, eps=signal_eps[0],
-                                       device=device).rate(suspected_target)
+                    share = probe_pull(self.net, modules, probe_set, suspected_target, device=device)
+                    signal_eps.append(PROBE_EPS if share >= MIN_PULL else 2 * PROBE_EPS)
+                share = probe_pull(self.net, modules, probe_set, suspected_target, eps=signal_eps[0],
+                                   device=device)
                 self.net.eval()
             return acc, asr, share
 

@@ -20,9 +20,9 @@ that is not the target, so the probe is only trusted for models whose neurons no
 InstanceNorm, LayerNorm); elsewhere anp-onnx falls back to the reference behaviour.
 
 The suspected target is used twice (see anp.py and curve.py): ANP's noise step can push towards it
-(targeted perturbation), and after pruning the same probe measures the *backdoor signal*, the
-fraction of probed clean images the perturbation sends to the suspected target; it counts as gone
-at a tenth of the unpruned model's.
+(targeted perturbation), and after pruning :func:`probe_pull` measures the *backdoor signal*, the
+fraction of probed clean images of other classes that one noise step aimed at the suspected target
+sends there; it counts as gone at 1% of the unpruned model's.
 """
 
 from __future__ import annotations
@@ -45,9 +45,14 @@ PROBE_EPS = 0.2
 MIN_SHARE = 0.3
 #: ... and at least this many times the share of the runner-up.
 MIN_RATIO = 2.0
-#: After pruning, the backdoor signal (the fraction of probed clean images the perturbation sends to
-#: the suspected target) counts as gone when it is at most this fraction of the unpruned model's.
-GONE_FRACTION = 0.1
+#: After pruning, the backdoor signal (the fraction of probed clean images of other classes that a
+#: neuron perturbation aimed at the suspected target sends there) counts as gone when it is at most
+#: this fraction of the unpruned model's. Measured on the sample models: the signal falls before the
+#: attack success rate does, and 1% was the level at which ASR had fallen too (see benchmarks/).
+GONE_FRACTION = 0.01
+#: A pull weaker than this on the unpruned model says too little: the signal is measured at twice
+#: the noise instead.
+MIN_PULL = 0.1
 PROBE_IMAGES = 256
 #: Probe batches (random images, random starting noise) whose errors are pooled.
 PROBE_REPEATS = 4
@@ -135,14 +140,15 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
     class-sorted data is mixed), normalised with its own statistics as in ANP; from zero noise, one
     signed-gradient step of size ``eps`` that raises the cross-entropy (ANP's noise step; a random
     start made the errors scatter on the sample models); the predictions that became wrong are
-    counted by class and pooled over the batches. The masks currently set in ``modules`` stay in place, so this also measures a pruned
-    model; the noise is zero again afterwards.
+    counted by class and pooled over the batches. The masks currently set in ``modules`` stay in
+    place, so this also measures a pruned model; afterwards the noise is zero and each module's
+    switches are as they were.
     """
     modules = list(modules)
     n = min(len(data), max_images)
     rng = np.random.default_rng(seed)
     params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
-    masks = [m.neuron_mask.requires_grad for m in modules]
+    saved = [(m.neuron_mask.requires_grad, m.batch_stats, m.perturbed) for m in modules]
     counts = None
     net.to(device).eval()
     try:
@@ -167,9 +173,55 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
             wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(out.shape[1]))
             counts = wrong if counts is None else counts + wrong
     finally:
-        for m, req in zip(modules, masks):
-            m.perturbed = False
-            m.batch_stats = False
+        for m, (req, batch_stats, perturbed) in zip(modules, saved):
+            m.perturbed = perturbed
+            m.batch_stats = batch_stats
             m.reset_noise(0.0)
             m.neuron_mask.requires_grad_(req)
     return CollapseProbe(float(eps), tuple(int(c) for c in counts), n * repeats)
+
+
+def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, target: int, *,
+               eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
+               repeats: int = PROBE_REPEATS, seed: int = 0) -> float:
+    """Fraction of clean images (true class not ``target``) that one neuron-noise step of size ``eps``
+    aimed at ``target`` sends there: the backdoor signal.
+
+    Same batches, normalisation and restoring as :func:`probe_collapse`; the step lowers the
+    cross-entropy towards ``target`` instead of raising it on the true labels.
+    """
+    modules = list(modules)
+    n = min(len(data), max_images)
+    rng = np.random.default_rng(seed)
+    params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
+    saved = [(m.neuron_mask.requires_grad, m.batch_stats, m.perturbed) for m in modules]
+    hits = total = 0
+    net.to(device).eval()
+    try:
+        for m in modules:
+            m.neuron_mask.requires_grad_(False)
+            m.batch_stats = True
+            m.perturbed = True
+        for _ in range(repeats):
+            pick = np.sort(rng.permutation(len(data))[:n])
+            x = torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device)
+            y = torch.from_numpy(data.y[pick].astype(np.int64)).to(device)
+            for m in modules:
+                m.reset_noise(0.0)
+            loss = F.cross_entropy(net(x), torch.full_like(y, target))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    if g is not None:
+                        p.sub_(eps * g.sign())
+                pred = net(x).argmax(1)
+            others = y != target
+            hits += int((pred[others] == target).sum())
+            total += int(others.sum())
+    finally:
+        for m, (req, batch_stats, perturbed) in zip(modules, saved):
+            m.perturbed = perturbed
+            m.batch_stats = batch_stats
+            m.reset_noise(0.0)
+            m.neuron_mask.requires_grad_(req)
+    return hits / total if total else 0.0

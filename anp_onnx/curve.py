@@ -4,7 +4,7 @@ Neurons are pruned in mask order (lowest first; among equal masks, the one whose
 average during the optimisation goes first, i.e. the one that fell earlier). The *pruning curve* is
 clean accuracy, measured on held-out clean images, against the number of neurons pruned, and, when
 the collapse probe named a suspected target (:mod:`anp_onnx.collapse`), the fraction of probed
-clean images a neuron perturbation sends to that target: the *backdoor signal*.
+clean images that a neuron perturbation aimed at that target sends there: the *backdoor signal*.
 
 The *automatic choice*:
 
@@ -168,8 +168,8 @@ def compute_curve(
                 break
         best = gone_at
         rule = (f"the fewest neurons, in mask order, whose pruning removes the backdoor signal (neuron noise "
-                f"sends at most {GONE_FRACTION:.0%} as many clean images to suspected target {suspected_target} "
-                f"as before), with clean accuracy on {n_images} held-out images within "
+                f"aimed at suspected target {suspected_target} sends at most {GONE_FRACTION:.0%} as many clean "
+                f"images there as before), with clean accuracy on {n_images} held-out images within "
                 f"{100 * signal_max_drop:g} points")
     else:
         best = _first_crossing(measured, floor_ok)

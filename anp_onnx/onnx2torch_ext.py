@@ -1,18 +1,33 @@
 """Converters for ONNX opset 16-21 op versions that onnx2torch 1.5.15 lacks.
 
-Registered in onnx2torch's own registry (``add_converter``), not a fork. Three groups:
+Registered in onnx2torch's own registry (``add_converter``), not a fork. Four groups:
 
 * versions whose changes only widen the accepted types (or add an attribute a float model does not
   use): the existing converter of the latest older version is registered for them too;
 * ``Reduce*-18`` (axes moved from an attribute to an optional input): axes must be a constant;
 * ``Pad-18/19/21``, ``Split-18``, ``Resize-18/19``, ``AveragePool-19``: the older converter, when
   the node does not use what the new version added (the ``axes`` input of Pad, ``wrap`` mode,
-  ``num_outputs``, antialiasing, dilations); otherwise a clear NotImplementedError.
+  ``num_outputs``, antialiasing, dilations); otherwise a clear NotImplementedError;
+* ``GroupNormalization-18/21``, which onnx2torch has no converter for at all (see
+  :func:`_group_norm_converter`). onnx's shape inference (1.17) gives GroupNormalization's output no
+  type, so every value after it would lack the shape that several onnx2torch converters read
+  (GlobalAveragePool, pools, norms): onnx2torch's shape inference step is wrapped so that it declares
+  each GroupNormalization output like its input (same type and shape, as the spec says) and infers
+  again (:func:`_complete_group_norm_shapes`); models without GroupNormalization are untouched.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from itertools import chain
+from typing import Any, Callable, Optional
+
+import onnx
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConversionError
 
 _TYPES_ONLY = {
     "Cast": (19, 21), "Constant": (19, 21), "ConstantOfShape": (20, 21), "Equal": (19,), "Flatten": (21,),
@@ -56,7 +71,49 @@ def register(o2t: Any) -> None:
     _guarded(add, latest, "Resize", (18, 19), _resize_ok)
     _guarded(add, latest, "AveragePool", (19,), lambda n: None if all(d == 1 for d in n.attributes.get("dilations", [1]))
              else "AveragePool with dilations")
+    add("GroupNormalization", 18, _group_norm_converter(per_channel=False))
+    add("GroupNormalization", 21, _group_norm_converter(per_channel=True))
+    _wrap_shape_inference(importlib.import_module(f"{o2t.__name__}.converter"))
     _registered = True
+
+
+def _wrap_shape_inference(converter_module: Any) -> None:
+    """Make onnx2torch's shape inference step also type the values after GroupNormalization nodes."""
+    original = converter_module.safe_shape_inference
+    if getattr(original, "completes_group_norm", False):
+        return
+
+    def inference(onnx_model_or_path, **kwargs):
+        return _complete_group_norm_shapes(original(onnx_model_or_path, **kwargs), original)
+
+    inference.completes_group_norm = True  # type: ignore[attr-defined]
+    converter_module.safe_shape_inference = inference
+
+
+def _complete_group_norm_shapes(model: onnx.ModelProto, infer: Callable) -> onnx.ModelProto:
+    """Declare untyped GroupNormalization outputs like their inputs and run ``infer`` again.
+
+    Repeated while it types more (a GroupNormalization after another one has a typed input only
+    after the first round); nodes whose input is untyped too are left as they are.
+    """
+    nodes = [n for n in model.graph.node
+             if n.op_type == "GroupNormalization" and n.domain in ("", "ai.onnx") and n.output and n.output[0]]
+    for _ in range(len(nodes)):
+        graph = model.graph
+        typed = {v.name: v for v in chain(graph.input, graph.value_info, graph.output)
+                 if v.type.HasField("tensor_type")}
+        added = False
+        for node in nodes:
+            if node.output[0] in typed or node.input[0] not in typed:
+                continue
+            info = graph.value_info.add()
+            info.CopyFrom(typed[node.input[0]])
+            info.name = node.output[0]
+            added = True
+        if not added:
+            break
+        model = infer(model)
+    return model
 
 
 def _guarded(add, latest, op: str, versions: tuple[int, ...], problem: Callable[[Any], str | None]) -> None:
@@ -114,5 +171,98 @@ def _reduce_converter(o2t: Any) -> Callable:
                                               keepdims=keepdims),
             onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
         )
+
+    return converter
+
+
+class OnnxGroupNorm(nn.Module):
+    """GroupNormalization with scale and bias given to ``forward`` (when they are not initializers).
+
+    ``per_channel`` False is opset 18: one scale/bias value per group, repeated over the group's
+    channels here; True is opset 21: one value per channel.
+    """
+
+    def __init__(self, num_groups: int, epsilon: float, per_channel: bool) -> None:
+        super().__init__()
+        self.num_groups = num_groups
+        self.epsilon = epsilon
+        self.per_channel = per_channel
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNormalization: {channels} channels do not split into {self.num_groups} groups")
+        if not self.per_channel:
+            scale = scale.reshape(-1).repeat_interleave(channels // self.num_groups)
+            bias = bias.reshape(-1).repeat_interleave(channels // self.num_groups)
+        return F.group_norm(x, self.num_groups, scale.reshape(-1), bias.reshape(-1), self.epsilon)
+
+
+def _input_channels(node, graph) -> Optional[int]:
+    """C of the node's input X from the (shape-inferred) value_info, or None where it is unknown."""
+    info = graph.value_info.get(node.input_values[0])
+    if info is None or not info.type.HasField("tensor_type"):
+        return None
+    dims = info.type.tensor_type.shape.dim
+    if len(dims) < 2 or not dims[1].HasField("dim_value") or dims[1].dim_value <= 0:
+        return None
+    return int(dims[1].dim_value)
+
+
+def _group_norm_converter(per_channel: bool) -> Callable:
+    """GroupNormalization -> ``nn.GroupNorm`` when scale and bias are initializers, else OnnxGroupNorm.
+
+    Opset 18 (``per_channel`` False) has one scale/bias value per group: the torch module gets them
+    repeated over the C / num_groups channels of each group, so it needs C, which comes from shape
+    inference; where C is unknown the module repeats them at run time (OnnxGroupNorm). Opset 21 has one
+    value per channel, so C is the scale's length. ``stash_type`` (the precision of the statistics) is
+    accepted and ignored: torch computes them in the input's float type.
+    """
+    version = 21 if per_channel else 18
+
+    def converter(node, graph):
+        from onnx2torch.utils.common import OnnxMapping, OperationConverterResult, onnx_mapping_from_node
+
+        where = f"GroupNormalization-{version} {node.name or node.output_values[0]!r}"
+        groups = node.attributes.get("num_groups")
+        if groups is None or int(groups) <= 0:
+            raise ConversionError(f"{where}: missing or invalid num_groups attribute")
+        groups = int(groups)
+        epsilon = float(node.attributes.get("epsilon", 1e-5))
+        params = list(node.input_values[1:3])
+        if len(params) < 2 or not all(params):
+            raise ConversionError(f"{where}: needs both a scale and a bias input")
+        if not all(name in graph.initializers for name in params):
+            return OperationConverterResult(torch_module=OnnxGroupNorm(groups, epsilon, per_channel),
+                                            onnx_mapping=onnx_mapping_from_node(node))
+        scale = graph.initializers[params[0]].to_torch().reshape(-1)
+        bias = graph.initializers[params[1]].to_torch().reshape(-1)
+        if scale.numel() != bias.numel():
+            raise ConversionError(f"{where}: scale has {scale.numel()} elements but bias {bias.numel()}")
+        known = _input_channels(node, graph)
+        if per_channel:
+            channels = scale.numel()
+            if known is not None and known != channels:
+                raise ConversionError(f"{where}: scale has {channels} elements but the input has {known} channels")
+        else:
+            if scale.numel() != groups:
+                raise ConversionError(f"{where}: scale has {scale.numel()} elements, expected one per group "
+                                      f"(num_groups {groups})")
+            channels = known
+            if channels is None:  # C unknown before run time: repeat the per-group values then
+                return OperationConverterResult(torch_module=OnnxGroupNorm(groups, epsilon, per_channel),
+                                                onnx_mapping=onnx_mapping_from_node(node))
+        if channels % groups:
+            raise ConversionError(f"{where}: {channels} channels do not split into {groups} groups")
+        if not per_channel:
+            scale = scale.repeat_interleave(channels // groups)
+            bias = bias.repeat_interleave(channels // groups)
+        module = nn.GroupNorm(groups, channels, eps=epsilon, affine=True)
+        with torch.no_grad():  # as onnx2torch's own norm converters: the initializers' dtype is kept
+            module.weight.data = scale.clone()
+            module.bias.data = bias.clone()
+        return OperationConverterResult(torch_module=module,
+                                        onnx_mapping=OnnxMapping(inputs=(node.input_values[0],),
+                                                                 outputs=node.output_values))
 
     return converter

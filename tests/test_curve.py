@@ -61,10 +61,10 @@ def test_signal_rule_prunes_until_the_backdoor_signal_goes():
     # accuracy falls slowly (4 points at 57: beyond the 2-point budget, within the 10-point cap)
     signal_calls = []
     curve = compute_curve(_ranking(400), _evaluator(lambda k: 0.9 - 0.0007 * k, None,
-                                                    lambda k: 0.5 if k < 57 else 0.01, signal_calls),
+                                                    lambda k: 0.5 if k < 57 else 0.001, signal_calls),
                           n_images=100, max_drop=0.02, suspected_target=3)
     assert curve.chosen.count == 57 and curve.signal_gone is True and curve.suspected_target == 3
-    assert curve.chosen.signal == pytest.approx(0.01)
+    assert curve.chosen.signal == pytest.approx(0.001)
     assert "backdoor signal" in curve.rule and "target 3" in curve.rule
     assert max(signal_calls) <= 70  # the probe is not run once the signal has gone
     assert curve.to_dict()["signal_gone"] is True
@@ -72,7 +72,7 @@ def test_signal_rule_prunes_until_the_backdoor_signal_goes():
 
 def test_signal_rule_ignores_a_single_noisy_dip():
     # one grid point dips below the gone level, the next does not: not gone there
-    dip = lambda k: 0.02 if k == 40 else (0.4 if k < 100 else 0.0)  # noqa: E731
+    dip = lambda k: 0.002 if k == 40 else (0.4 if k < 100 else 0.0)  # noqa: E731
     curve = compute_curve(_ranking(400), _evaluator(lambda k: 0.9, None, dip), n_images=100,
                           suspected_target=1)
     assert curve.chosen.count > 40 and curve.signal_gone

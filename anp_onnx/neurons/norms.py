@@ -1,14 +1,15 @@
-"""InstanceNormalization and LayerNormalization elements as neurons (perturbed like BatchNorm in ANP).
+"""Instance-, Layer- and GroupNormalization elements as neurons (perturbed like BatchNorm in ANP).
 
 InstanceNormalization: one neuron per channel (``scale``/``B`` of shape (C,)).
 LayerNormalization (opset 17+): one neuron per element of ``scale`` (which has the normalized shape,
 possibly several dimensions); masks are flat, in C order, and reshaped to the scale's shape.
+GroupNormalization: one neuron per element of ``scale``, which is one per group at opset 18-20 (a
+group's mask and noise then act on all its channels in torch) and one per channel from opset 21 on.
+onnx2torch 1.5 has no GroupNormalization converter: anp_onnx.onnx2torch_ext adds one.
 
-Both always normalise with the statistics of the current input, so the ``batch_stats`` switch (the
+All always normalise with the statistics of the current input, so the ``batch_stats`` switch (the
 reference's train mode) changes nothing. As in ANP, the scale is multiplied by (m + d) and the bias
 by (1 + x) with noise, the scale by m without; pruning sets the scale to 0 and keeps the bias.
-
-GroupNormalization is not a kind here: onnx2torch 1.5 has no converter for it.
 """
 
 from __future__ import annotations
@@ -69,6 +70,35 @@ class PerturbedLayerNorm(PerturbedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = _scaled(self.weight, self.bias, *self.coefficients())
         return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+class PerturbedGroupNorm(PerturbedModule):
+    """GroupNorm with gamma scaled by (m + d) and beta by (1 + x), per channel or per group.
+
+    ``size`` is the number of neurons: the channels (opset 21), or the groups (opset 18), in which
+    case each neuron's coefficients are repeated over the C / num_groups channels of its group.
+    """
+
+    normalises = True
+
+    def __init__(self, norm: nn.GroupNorm, size: int) -> None:
+        if size not in (norm.num_channels, norm.num_groups):
+            raise ValueError(f"GroupNorm with {norm.num_channels} channels in {norm.num_groups} groups "
+                             f"cannot have {size} neurons")
+        super().__init__(size)
+        self.register_buffer("weight", norm.weight.detach().clone())
+        self.register_buffer("bias", norm.bias.detach().clone())
+        self.num_groups = int(norm.num_groups)
+        self.repeat = int(norm.num_channels) // size
+        self.eps = float(norm.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wc, bc = self.coefficients()
+        if self.repeat > 1:
+            wc = wc.repeat_interleave(self.repeat)
+            bc = None if bc is None else bc.repeat_interleave(self.repeat)
+        weight, bias = _scaled(self.weight, self.bias, wc, bc)
+        return F.group_norm(x, self.num_groups, weight, bias, self.eps)
 
 
 class PerturbedFunctionalNorm(PerturbedModule):
@@ -178,3 +208,46 @@ class LayerNormKind(_NormKind):
         if _functional(module, "OnnxLayerNorm"):
             return PerturbedFunctionalNorm(module, layer.size)
         raise TypeError(f"{layer.name}: expected a torch LayerNorm module, got {type(module).__name__}")
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((int(imp.version) for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 0)
+
+
+@register_kind
+class GroupNormKind(_NormKind):
+    """One neuron per element of the scale of a GroupNormalization node with constant parameters.
+
+    At opset 18-20 the scale holds one value per group (a neuron is a group of channels), from opset
+    21 on one per channel.
+    """
+
+    name = "groupnorm"
+    description = "GroupNormalization scale elements: groups at opset 18-20, channels from 21 (as instancenorm)"
+    op_type = "GroupNormalization"
+
+    def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
+        if scale.ndim != 1 or len(node.input) < 3 or not node.input[2]:
+            return "GroupNormalization with an unusual scale or no bias skipped"
+        if index.array(node.input[2]).shape != scale.shape:
+            return "GroupNormalization whose bias and scale shapes differ skipped"
+        groups = next((int(a.i) for a in node.attribute if a.name == "num_groups"), 0)
+        if groups <= 0:
+            return "GroupNormalization without a valid num_groups skipped"
+        if _default_opset(index.model) < 21:
+            if scale.size != groups:
+                return (f"GroupNormalization whose scale has {scale.size} elements for {groups} groups "
+                        "(opset < 21: one per group) skipped")
+        elif scale.size % groups:
+            return f"GroupNormalization whose {scale.size} channels do not split into {groups} groups skipped"
+        return None
+
+    def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
+        if isinstance(module, nn.GroupNorm) and module.affine:
+            if layer.size not in (module.num_channels, module.num_groups):
+                raise TypeError(f"{layer.name}: GroupNorm has {module.num_channels} channels in "
+                                f"{module.num_groups} groups, expected {layer.size} neurons")
+            return PerturbedGroupNorm(module, layer.size)
+        if _functional(module, "OnnxGroupNorm"):
+            return PerturbedFunctionalNorm(module, layer.size)
+        raise TypeError(f"{layer.name}: expected a torch GroupNorm module, got {type(module).__name__}")
