@@ -27,6 +27,7 @@ sends there; it counts as gone at 1% of the unpruned model's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -131,6 +132,51 @@ def find_target(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageS
     return probe
 
 
+@contextmanager
+def _probing(net: nn.Module, modules: list[PerturbedModule], device: str):
+    """Noise on, batch statistics on, masks frozen; afterwards zero noise and each switch as it was."""
+    saved = [(m.neuron_mask.requires_grad, m.batch_stats, m.perturbed) for m in modules]
+    net.to(device).eval()
+    try:
+        for m in modules:
+            m.neuron_mask.requires_grad_(False)
+            m.batch_stats = True
+            m.perturbed = True
+        yield [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
+    finally:
+        for m, (req, batch_stats, perturbed) in zip(modules, saved):
+            m.perturbed = perturbed
+            m.batch_stats = batch_stats
+            m.reset_noise(0.0)
+            m.neuron_mask.requires_grad_(req)
+
+
+def _noise_step(net: nn.Module, modules: list[PerturbedModule], params: list[torch.Tensor], x: torch.Tensor,
+                labels: torch.Tensor, eps: float, towards: bool) -> tuple[torch.Tensor, int]:
+    """From zero noise, one signed step of size ``eps`` that raises the cross-entropy on ``labels``
+    (or, ``towards``, lowers it); returns the predictions under that noise."""
+    for m in modules:
+        m.reset_noise(0.0)
+    loss = F.cross_entropy(net(x), labels)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            if g is not None:
+                p.add_(g.sign(), alpha=-eps if towards else eps)
+        out = net(x)
+    return out.argmax(1), int(out.shape[1])
+
+
+def _batches(data: ImageSet, max_images: int, repeats: int, seed: int, device: str):
+    """``repeats`` seeded random batches of up to ``max_images`` of ``data`` (class-sorted data mixes)."""
+    n = min(len(data), max_images)
+    rng = np.random.default_rng(seed)
+    for _ in range(repeats):
+        pick = np.sort(rng.permutation(len(data))[:n])
+        yield (torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device),
+               torch.from_numpy(data.y[pick].astype(np.int64)).to(device))
+
+
 def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,
                    eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
                    repeats: int = PROBE_REPEATS, seed: int = 0) -> CollapseProbe:
@@ -145,40 +191,15 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
     switches are as they were.
     """
     modules = list(modules)
-    n = min(len(data), max_images)
-    rng = np.random.default_rng(seed)
-    params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
-    saved = [(m.neuron_mask.requires_grad, m.batch_stats, m.perturbed) for m in modules]
     counts = None
-    net.to(device).eval()
-    try:
-        for m in modules:
-            m.neuron_mask.requires_grad_(False)
-            m.batch_stats = True
-            m.perturbed = True
-        for r in range(repeats):
-            pick = np.sort(rng.permutation(len(data))[:n])
-            x = torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device)
-            y = torch.from_numpy(data.y[pick].astype(np.int64)).to(device)
-            for m in modules:
-                m.reset_noise(0.0)
-            loss = F.cross_entropy(net(x), y)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    if g is not None:
-                        p.add_(eps * g.sign())
-                out = net(x)
-            pred = out.argmax(1)
-            wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(out.shape[1]))
+    images = 0
+    with _probing(net, modules, device) as params:
+        for x, y in _batches(data, max_images, repeats, seed, device):
+            pred, classes = _noise_step(net, modules, params, x, y, eps, towards=False)
+            wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(classes))
             counts = wrong if counts is None else counts + wrong
-    finally:
-        for m, (req, batch_stats, perturbed) in zip(modules, saved):
-            m.perturbed = perturbed
-            m.batch_stats = batch_stats
-            m.reset_noise(0.0)
-            m.neuron_mask.requires_grad_(req)
-    return CollapseProbe(float(eps), tuple(int(c) for c in counts), n * repeats)
+            images += len(y)
+    return CollapseProbe(float(eps), tuple(int(c) for c in counts), images)
 
 
 def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, target: int, *,
@@ -191,37 +212,11 @@ def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSe
     cross-entropy towards ``target`` instead of raising it on the true labels.
     """
     modules = list(modules)
-    n = min(len(data), max_images)
-    rng = np.random.default_rng(seed)
-    params = [p for m in modules for p in (m.neuron_noise, m.neuron_noise_bias)]
-    saved = [(m.neuron_mask.requires_grad, m.batch_stats, m.perturbed) for m in modules]
     hits = total = 0
-    net.to(device).eval()
-    try:
-        for m in modules:
-            m.neuron_mask.requires_grad_(False)
-            m.batch_stats = True
-            m.perturbed = True
-        for _ in range(repeats):
-            pick = np.sort(rng.permutation(len(data))[:n])
-            x = torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device)
-            y = torch.from_numpy(data.y[pick].astype(np.int64)).to(device)
-            for m in modules:
-                m.reset_noise(0.0)
-            loss = F.cross_entropy(net(x), torch.full_like(y, target))
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            with torch.no_grad():
-                for p, g in zip(params, grads):
-                    if g is not None:
-                        p.sub_(eps * g.sign())
-                pred = net(x).argmax(1)
+    with _probing(net, modules, device) as params:
+        for x, y in _batches(data, max_images, repeats, seed, device):
+            pred, _ = _noise_step(net, modules, params, x, torch.full_like(y, target), eps, towards=True)
             others = y != target
             hits += int((pred[others] == target).sum())
             total += int(others.sum())
-    finally:
-        for m, (req, batch_stats, perturbed) in zip(modules, saved):
-            m.perturbed = perturbed
-            m.batch_stats = batch_stats
-            m.reset_noise(0.0)
-            m.neuron_mask.requires_grad_(req)
     return hits / total if total else 0.0
