@@ -322,12 +322,15 @@ def _cmd_repair(args: argparse.Namespace) -> int:
                            else "untargeted (the reference's)"))
     if result.curve is not None:
         c = result.curve
-        if c.suspected_target is not None:
-            state = "gone" if c.signal_gone else "still present"
-            print(f"backdoor signal at the automatic choice: {state} (target share "
-                  f"{_pct(c.chosen.signal) if c.chosen.signal is not None else '-'} of perturbation errors)")
+        if c.suspected_target is not None and c.points[0].signal is not None:
+            state = "gone" if c.signal_gone else "still there"
+            now = f"{_pct(c.chosen.signal)}" if c.chosen.signal is not None else "-"
+            print(f"backdoor signal: {state} (neuron noise aimed at class {c.suspected_target} sends "
+                  f"{_pct(c.points[0].signal)} of clean images there unpruned, {now} at the automatic choice)")
         print(f"automatic choice: {c.chosen.count} neurons (mask <= {c.chosen.threshold:.3f}), held-out accuracy "
-              f"{_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}; used: {result.plan.spec.describe()}")
+              f"{_pct(c.baseline)} -> {_pct(c.chosen.accuracy)}; rule: {c.rule}")
+        if result.plan.spec.mode != "auto":
+            print(f"used instead: {result.plan.spec.describe()}")
     print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
           f"on {result.optimisation.device}; total {result.seconds:.1f} s")
     for f in result.files:

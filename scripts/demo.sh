@@ -8,8 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-MODEL=${MODEL:-sample_models/ibau_badnets_vgg.onnx}
-TRIGGER=${TRIGGER:-ibau_badnets}
+MODEL=${MODEL:-sample_models/badnets_preact.onnx}
+TRIGGER=${TRIGGER:-badnets}
 mkdir -p out
 # the triggered test set: the bundled clean test images with the model's trigger (true labels kept)
 python sample_models/triggers.py "$TRIGGER" sample_models/data/test_clean.npz "out/test_$TRIGGER.npz"

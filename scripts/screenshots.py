@@ -5,7 +5,7 @@
 
 Drives gui.main_window.MainWindow through Model -> Data -> Settings -> Run -> Prune -> Export and
 saves docs/screenshots/01_model.png ... 06_export.png. With sample_models/ present it repairs
-sample_models/ibau_badnets_vgg.onnx with the bundled clean images and (subsets of) the bundled test
+sample_models/badnets_preact.onnx with the bundled clean images and (subsets of) the bundled test
 sets; otherwise, or with --tiny, it builds a tiny model and random images. Everything written
 (settings, exported model) goes to a temporary folder. Re-run it whenever the UI changes.
 """
@@ -23,7 +23,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SAMPLE_MODEL = ROOT / "sample_models" / "ibau_badnets_vgg.onnx"
+SAMPLE_MODEL = ROOT / "sample_models" / "badnets_preact.onnx"
 SAMPLE_DATA = ROOT / "sample_models" / "data"
 CIFAR10 = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -51,8 +51,8 @@ def prepare(tmp: Path, tiny: bool, n_test: int) -> dict:
         sys.path.insert(0, str(ROOT / "sample_models"))
         from triggers import main as make_triggered
 
-        make_triggered(["ibau_badnets", str(SAMPLE_DATA / "test_clean.npz"), str(tmp / "test_ibau_badnets.npz")])
-        for key, path in (("test", SAMPLE_DATA / "test_clean.npz"), ("poisoned", tmp / "test_ibau_badnets.npz")):
+        make_triggered(["badnets", str(SAMPLE_DATA / "test_clean.npz"), str(tmp / "test_badnets.npz")])
+        for key, path in (("test", SAMPLE_DATA / "test_clean.npz"), ("poisoned", tmp / "test_badnets.npz")):
             images = anp_onnx.load_images(path, size=None, channels=3)
             keep = np.random.default_rng(0).permutation(len(images))[:n_test]
             subset = images.subset(np.sort(keep))
