@@ -23,7 +23,8 @@ REFERENCE = PruneSpec.threshold(0.2)  # the ANP reference code's choice, used un
 class PrunePage(Page):
     title = "5. Prune"
     subtitle = "Neurons with the lowest masks are pruned (switched off). The automatic choice prunes them in " \
-               "order until clean accuracy first falls out of a budget; the slider lets you choose yourself."
+               "order until the backdoor signal of the suspected target is gone or, without one, until clean " \
+               "accuracy first falls out of the budget; the slider lets you choose yourself."
 
     curveFinished = Signal(str)  # "done", "cancelled" or "failed"
 
@@ -61,8 +62,9 @@ class PrunePage(Page):
         self.budget.setPrefix("accuracy may drop ")
         self.budget.setSuffix(" points")
         self.budget.setValue(float(self.settings.get("prune/max_drop", 2.0)))
-        self.budget.setToolTip("The automatic choice prunes as many neurons as it can while clean accuracy on "
-                               "held-out images stays within this many percentage points of the original model's.")
+        self.budget.setToolTip("Without a backdoor signal (no suspected target, or it does not go within 10 points), "
+                               "the automatic choice prunes until clean accuracy on held-out images first falls more "
+                               "than this many percentage points below the original model's.")
         self.budget.editingFinished.connect(self._budget_changed)
         self.auto = QPushButton("Use automatic choice", self)
         self.auto.setObjectName("autoButton")
