@@ -486,7 +486,11 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
           verify_data: Optional[os.PathLike | str | ImageSet] = None, kinds: Optional[Sequence[str]] = None,
           include: Optional[Sequence[str]] = None,
           exclude: Optional[Sequence[str]] = None) -> tuple[PrunePlan, ExportResult]:
-    """Prune ``model`` from saved masks (no new optimisation) and write it to ``out``."""
+    """Prune ``model`` from saved masks (no new optimisation) and write it to ``out``.
+
+    An ``auto`` spec needs ``verify_data`` (clean images); masks saved by :func:`repair` carry the
+    suspected target, so the automatic choice uses the backdoor signal as repair's did.
+    """
     from .prune import load_masks
 
     out = check_output_path(out, model, overwrite)
@@ -504,7 +508,9 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
     if pruning.mode == "auto":
         if images is None:
             raise SettingsError("automatic pruning needs clean images to measure accuracy on (--data)")
-        curve = rep.pruning_curve(masks, images, tiebreak=tiebreak, max_drop=pruning.value)
+        suspected = facts.get("suspected_target")
+        curve = rep.pruning_curve(masks, images, tiebreak=tiebreak, max_drop=pruning.value,
+                                  suspected_target=suspected if isinstance(suspected, int) else None)
     plan = rep.plan(masks, pruning, tiebreak=tiebreak, curve=curve)
     export = rep.export(plan, out, overwrite=overwrite, verify_images=images)
     return plan, export

@@ -46,4 +46,10 @@ def test_planted_backdoor_is_removed(tmp_path):
     plan, _ = anp_onnx.prune(model, tmp_path / "repaired.masks.json", out=tmp_path / "again.onnx",
                              pruning=anp_onnx.PruneSpec.count(result.plan.count))
     assert {k: list(v) for k, v in plan.pruned.items()} == {k: list(v) for k, v in result.plan.pruned.items()}
+    # the masks file carries the suspected target, so an automatic re-prune uses the same rules
+    _, facts = anp_onnx.load_masks(tmp_path / "repaired.masks.json")
+    assert facts["suspected_target"] == 0 and facts["probe"]["suspected_target"] == 0
+    plan_auto, _ = anp_onnx.prune(model, tmp_path / "repaired.masks.json", out=tmp_path / "auto.onnx",
+                                  pruning=anp_onnx.PruneSpec.auto(), verify_data=tmp_path / "clean.npz")
+    assert 0 < plan_auto.count < 0.25 * plan_auto.total
     assert np.isfinite(result.export.max_abs_diff) and result.export.max_abs_diff < 1e-4
