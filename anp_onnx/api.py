@@ -13,7 +13,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
@@ -33,7 +33,7 @@ from .model import InputSpec, LoadedModel, load_model
 from .neurons import NeuronLayer, NeuronSearch, find_neurons
 from .progress import CancelToken, ProgressCallback
 from .report import report_paths, write_report
-from .collapse import MIN_PULL, PROBE_EPS, probe_pull
+from .collapse import MIN_PULL, PROBE_EPS, CollapseProbe, find_target, probe_pull, probe_supported
 from .curve import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, DEFAULT_SIGNAL_MAX_DROP, PruningCurve, compute_curve
 from .evaluate import infer_target
 from .prune import (
@@ -61,6 +61,7 @@ class ModelInfo:
     parity: Optional[float]
     notes: tuple[str, ...]
     metadata: Mapping[str, object]
+    probe: Optional[CollapseProbe] = None
 
     def to_dict(self) -> dict:
         return {
@@ -69,7 +70,7 @@ class ModelInfo:
             "ir_version": self.ir_version, "producer": self.producer,
             "neurons": self.neurons.total, "layers": [layer.to_dict() for layer in self.neurons.layers],
             "excluded_layers": list(self.neurons.excluded), "parity_max_abs_diff": self.parity,
-            "notes": list(self.notes),
+            "notes": list(self.notes), "collapse_probe": self.probe.to_dict() if self.probe else None,
         }
 
 
@@ -357,12 +358,19 @@ def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
                   data: Optional[os.PathLike | str] = None, preprocessing: Optional[Preprocessing] = None,
                   kinds: Optional[Sequence[str]] = None, include: Optional[Sequence[str]] = None,
                   exclude: Optional[Sequence[str]] = None) -> ModelInfo:
-    """Describe a model and check its conversion (on ``data`` when given, else on random images)."""
+    """Describe a model and check its conversion (on ``data`` when given, else on random images).
+
+    With clean ``data`` and normalising neurons the collapse probe runs too (``ModelInfo.probe``): a
+    suspected target is a sign of a backdoor, found without any trigger (see anp_onnx.collapse).
+    """
     rep = Repairer.open(path, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
                         exclude=exclude)
-    images = rep.load_data(data, limit=PARITY_IMAGES) if data is not None else _random_images(rep.model.input)
+    images = rep.load_data(data) if data is not None else _random_images(rep.model.input)
     rep.check_parity(images)
-    return rep.info()
+    info = rep.info()
+    if data is not None and probe_supported(rep.modules.values()):
+        info = replace(info, probe=find_target(rep.net, rep.modules.values(), images))
+    return info
 
 
 def _random_images(spec: InputSpec, n: int = 8) -> ImageSet:

@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Describe a model and check that its torch conversion matches onnxruntime.")
     _model_options(p)
     _neuron_options(p)
-    p.add_argument("--data", help="images for the conversion check (default: random images)")
+    p.add_argument("--data", help="clean images for the conversion check (default: random images) and, for models "
+                                  "with normalisation layers, the collapse probe (does the model collapse to a "
+                                  "suspected backdoor target under neuron noise?)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("repair", help="learn ANP masks on clean data, prune, and write the repaired model",
@@ -264,6 +266,8 @@ def _print_info(info: ModelInfo) -> None:
     for note in info.notes:
         print(f"note       {note}")
     print(f"parity     max |torch - onnxruntime| = {info.parity:.2e}")
+    if info.probe is not None:
+        print(f"probe      {info.probe.describe()}")
 
 
 def _pruned_table(plan: PrunePlan, sizes: dict[str, int]) -> str:
@@ -291,6 +295,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info.to_dict(), indent=2))
     else:
         _print_info(info)
+        if args.data and info.probe is None:
+            print("probe      not run: it needs every neuron layer to normalise its input (BatchNorm, "
+                  "InstanceNorm, GroupNorm, LayerNorm)")
     return 0
 
 

@@ -112,6 +112,22 @@ def test_probe_names_the_target_of_real_backdoored_models(name):
     assert probe.suspected_target == 0, probe.describe()
 
 
+def test_inspect_runs_the_probe_with_clean_data(models, tmp_path, capsys):
+    from anp_onnx.cli import main
+    from anp_onnx.data import save_npz
+
+    save_npz(synthetic_images(300, seed=3), tmp_path / "clean.npz")
+    info = anp_onnx.inspect_model(models["target7"], data=tmp_path / "clean.npz")
+    assert info.probe is not None and info.probe.suspected_target == 7
+    assert info.to_dict()["collapse_probe"]["suspected_target"] == 7
+    assert anp_onnx.inspect_model(models["target7"]).probe is None          # random images: no probe
+    assert anp_onnx.inspect_model(models["folded"], data=tmp_path / "clean.npz").probe is None
+    assert main(["inspect", str(models["target7"]), "--data", str(tmp_path / "clean.npz")]) == 0
+    assert "suspected backdoor target 7" in capsys.readouterr().out
+    assert main(["inspect", str(models["folded"]), "--data", str(tmp_path / "clean.npz")]) == 0
+    assert "probe      not run" in capsys.readouterr().out
+
+
 def test_probe_is_not_sure_enough_on_the_ibau_vgg():
     """The I-BAU VGG's errors lean to its target (8) but not clearly enough: no target is named, and
     anp-onnx keeps the reference's untargeted noise there (see benchmarks/README.md)."""
