@@ -91,11 +91,12 @@ def plot_curve(result: "RepairResult", path: Path) -> None:
     if any(p.asr is not None for p in curve.points):
         pts = [(p.count, p.asr) for p in curve.points if p.asr is not None]
         ax.plot(*zip(*pts), "-", color="tab:red", label="attack success rate (evaluation only)")
-    ax.axhline(curve.baseline - curve.max_drop, color="tab:blue", lw=0.8, ls=":", label="accuracy budget")
+    ax.axhline(curve.baseline - curve.max_drop, color="tab:blue", lw=0.8, ls=":",
+               label="accuracy budget" + (" (used without a signal)" if curve.suspected_target is not None else ""))
     sig = [(p.count, p.signal) for p in curve.points if p.signal is not None]
     if sig:
         ax.plot(*zip(*sig), "o-", ms=2.5, color="tab:orange",
-                label=f"backdoor signal (share of class {curve.suspected_target})")
+                label=f"backdoor signal (pull towards class {curve.suspected_target})")
     ax.axvline(curve.chosen.count, color="k", lw=1, ls="--", label=f"automatic choice ({curve.chosen.count})")
     if result.plan.count != curve.chosen.count:
         ax.axvline(result.plan.count, color="tab:green", lw=1, ls="-.", label=f"used ({result.plan.count})")

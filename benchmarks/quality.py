@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, help="ANP iterations (default: anp-onnx's default for the device)")
     p.add_argument("--eps", type=float, help="ANP eps (default: anp-onnx's default)")
     p.add_argument("--batch-size", type=int, help="ANP batch size (default: anp-onnx's default, 128)")
+    p.add_argument("--alpha", type=float, help="ANP clean-loss weight (default: anp-onnx's default, 0.2)")
     p.add_argument("--reference", action="store_true", help="the reference ANP loop (untargeted noise)")
     p.add_argument("--pruning", type=parse_spec, default=PruneSpec(), help="auto[=budget], threshold=T, count=K")
     p.add_argument("--device", default="auto")
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
         config = replace(config, eps=args.eps)
     if args.batch_size:
         config = replace(config, batch_size=args.batch_size)
+    if args.alpha is not None:
+        config = replace(config, alpha=args.alpha)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for card in cards(args.models):
