@@ -66,7 +66,7 @@ class PruneSpec:
 
     def describe(self) -> str:
         if self.mode == "auto":
-            return f"automatic choice from clean data (accuracy budget {100 * self.value:g} points without a backdoor signal)"
+            return f"automatic choice from clean data; accuracy budget {100 * self.value:g} points without a backdoor signal"
         if self.mode == "threshold":
             return f"mask <= {self.value:g}"
         if self.mode == "count":
