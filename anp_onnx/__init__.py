@@ -19,6 +19,7 @@ from .api import (  # noqa: E402
     DEFAULT_HOLDOUT, ExportResult, ModelInfo, RepairResult, Repairer, default_masks_path, evaluate_model,
     inspect_model, mask_values_path, prune, repair,
 )
+from .collapse import CollapseProbe  # noqa: E402
 from .curve import CurvePoint, PruningCurve  # noqa: E402
 from .data import ImageSet, Preprocessing, load_images  # noqa: E402
 from .errors import AnpOnnxError  # noqa: E402
@@ -33,5 +34,5 @@ __all__ = [
     "evaluate_model", "inspect_model", "prune", "repair", "ImageSet", "Preprocessing", "load_images",
     "AnpOnnxError", "EvalResult", "InputSpec", "LoadedModel", "load_model", "CancelToken", "ProgressEvent",
     "PrunePlan", "PruneSpec", "load_masks", "rank_neurons", "DEFAULT_HOLDOUT", "default_masks_path",
-    "mask_values_path", "CurvePoint", "PruningCurve", "report_paths", "write_report",
+    "mask_values_path", "CurvePoint", "PruningCurve", "report_paths", "write_report", "CollapseProbe",
 ]

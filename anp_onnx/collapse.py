@@ -102,9 +102,9 @@ class CollapseProbe:
 
     def describe(self) -> str:
         if not self.errors:
-            return f"no clean image became wrong under neuron noise {self.eps:g}"
-        head = (f"{self.errors} of {self.images} clean images became wrong under neuron noise {self.eps:g}; "
-                f"class {self.top} took {self.share(self.top):.0%} of them")
+            return f"no probed clean image became wrong under neuron noise {self.eps:g}"
+        head = (f"{self.errors} of {self.images} probed clean images became wrong under neuron noise "
+                f"{self.eps:g}; class {self.top} took {self.share(self.top):.0%} of them")
         t = self.suspected_target
         if t is not None:
             return head + f": suspected backdoor target {t}"
