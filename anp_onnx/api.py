@@ -222,7 +222,7 @@ class Repairer:
                 target = infer_target(torch_logits(self.net, poisoned.x, device).argmax(1))
             keep = poisoned.y != target
         probe_set = signal_data if signal_data is not None else clean
-        signal_eps: list[float] = []  # the probe's noise, fixed on the unpruned model
+        signal_eps: list[float] = []  # the probe's noise, fixed on the first (unpruned) measurement
 
         def evaluate_prefix(chosen, signal):
             self.apply_plan(plan_from_neurons(masks, chosen, PruneSpec.count(len(chosen))))
@@ -233,12 +233,12 @@ class Repairer:
                 asr = float((pred == target).mean())
             if signal and suspected_target is not None:
                 modules = self.modules.values()
-                if not signal_eps:
+                if not signal_eps:  # a weak pull says too little: then all points use twice the noise
                     share = probe_pull(self.net, modules, probe_set, suspected_target, device=device)
                     signal_eps.append(PROBE_EPS if share >= MIN_PULL else 2 * PROBE_EPS)
-                share = probe_pull(self.net, modules, probe_set, suspected_target, eps=signal_eps[0],
-                                   device=device)
-                self.net.eval()
+                if share is None or signal_eps[0] != PROBE_EPS:
+                    share = probe_pull(self.net, modules, probe_set, suspected_target, eps=signal_eps[0],
+                                       device=device)
             return acc, asr, share
 
         try:

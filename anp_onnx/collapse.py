@@ -77,10 +77,6 @@ class CollapseProbe:
         """Share of the errors predicted as ``cls`` (0 when there were no errors)."""
         return self.counts[cls] / self.errors if self.errors else 0.0
 
-    def rate(self, cls: int) -> float:
-        """Fraction of the probed images the perturbation sent to ``cls`` (the backdoor signal)."""
-        return self.counts[cls] / self.images if self.images else 0.0
-
     @property
     def top(self) -> int:
         return int(np.argmax(self.counts))

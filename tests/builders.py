@@ -158,3 +158,25 @@ def train_backdoored(path: Path, *, target: int = 0, n: int = 3000, poison: floa
             loss.backward()
             opt.step()
     return export(net, path, fold_bn=fold_bn)
+
+
+def torch_with_plan(rep, plan, x: np.ndarray) -> np.ndarray:
+    """Logits of ``rep``'s torch model with ``plan`` applied (masks reset afterwards)."""
+    from anp_onnx.convert import torch_logits
+
+    rep.apply_plan(plan)
+    try:
+        rep.net.eval()
+        return torch_logits(rep.net, x)
+    finally:
+        rep.reset_masks()
+
+
+def ort_on(path, x: np.ndarray) -> np.ndarray:
+    """onnxruntime logits of the ONNX file at ``path`` on images ``x`` (no preprocessing)."""
+    from anp_onnx.convert import ort_logits, to_model_input
+    from anp_onnx.data import Preprocessing
+    from anp_onnx.model import load_model
+
+    loaded = load_model(path)
+    return ort_logits(loaded, to_model_input(loaded, x, Preprocessing()))

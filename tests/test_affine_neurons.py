@@ -8,12 +8,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from anp_onnx import ANPConfig, Repairer
-from anp_onnx.convert import ort_logits, to_model_input, torch_logits
-from anp_onnx.data import Preprocessing
-from anp_onnx.model import load_model
 from anp_onnx.neurons import find_neurons
 from anp_onnx.neurons.affine import PerturbedAffine
-from builders import initializer, random_images, tiny_model
+from builders import initializer, ort_on, random_images, tiny_model, torch_with_plan
 
 C = 6
 
@@ -90,15 +87,7 @@ def _check_prune_two(tmp_path, path, images):
     for t in original.graph.initializer:  # bias and everything else bitwise equal
         if t.name != "s":
             assert initializer(written, t.name).tobytes() == numpy_helper.to_array(t).tobytes()
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    rep.apply_plan(plan)
-    try:
-        rep.net.eval()
-        got = torch_logits(rep.net, images.x)
-    finally:
-        rep.reset_masks()
-    np.testing.assert_allclose(got, ref, atol=1e-5)
+    np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-5)
     return rep
 
 

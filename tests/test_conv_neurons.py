@@ -10,14 +10,14 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from anp_onnx import ANPConfig, Repairer
-from anp_onnx.convert import ort_logits, to_model_input, torch_logits
-from anp_onnx.data import Preprocessing
 from anp_onnx.errors import UnsupportedModelError
 from anp_onnx.model import load_model
 from anp_onnx.neurons import find_neurons
 from anp_onnx.neurons.conv import PerturbedConv, PerturbedLinear, PerturbedMatMul
 from anp_onnx.prune import PruneSpec
-from builders import add_trigger, initializer, random_images, synthetic_images, tiny_model, train_backdoored
+from builders import (
+    add_trigger, initializer, ort_on, random_images, synthetic_images, tiny_model, torch_with_plan, train_backdoored,
+)
 
 
 def _rng_tensor(rng, name, shape, scale=0.5):
@@ -68,15 +68,6 @@ def mixed_model(path):
 def _masks_for(rep, pruned):
     return {layer.name: np.array([0.0 if i in pruned.get(layer.name, ()) else 1.0 for i in range(layer.size)],
                                  np.float32) for layer in rep.layers}
-
-
-def _torch_with_plan(rep, plan, images):
-    rep.apply_plan(plan)
-    try:
-        rep.net.eval()
-        return torch_logits(rep.net, images)
-    finally:
-        rep.reset_masks()
 
 
 # --- discovery ---------------------------------------------------------------------------------
@@ -251,9 +242,7 @@ def test_repairer_on_folded_model_export(tmp_path):
     for t in original.graph.initializer:  # nothing else changed
         if t.name not in {layer.param("weight") for layer in rep.layers}:
             assert initializer(written, t.name).tobytes() == numpy_helper.to_array(t).tobytes()
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    np.testing.assert_allclose(_torch_with_plan(rep, plan, images.x), ref, atol=1e-4)
+    np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
 def test_mixed_ops_fold_matches_torch(tmp_path):
@@ -296,9 +285,7 @@ def test_mixed_ops_fold_matches_torch(tmp_path):
     assert np.all(w["g1"][5] == 0) and np.count_nonzero(w["g1"] == 0) == 5
     for name in ("c1", "ct", "g0", "mm", "g1", "cls"):  # biases (the MatMul's Add too) kept
         assert initializer(written, f"{name}.b").tobytes() == initializer(rep.model.proto, f"{name}.b").tobytes()
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    np.testing.assert_allclose(_torch_with_plan(rep, plan, images.x), ref, atol=1e-4)
+    np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
 def test_shared_weight_initializer_is_copied(tmp_path):
@@ -329,9 +316,7 @@ def test_shared_weight_initializer_is_copied(tmp_path):
     copy = initializer(written, node_a.input[1])
     assert np.all(copy[0] == 0) and copy[1].tobytes() == initializer(rep.model.proto, "w")[1].tobytes()
     assert result.changed_initializers == [node_a.input[1]]
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    np.testing.assert_allclose(_torch_with_plan(rep, plan, images.x), ref, atol=1e-4)
+    np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
 # --- end to end ----------------------------------------------------------------------------------

@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from anp_onnx import ANPConfig, PruneSpec, Repairer, inspect_model, prune
-from anp_onnx.convert import convert, ort_logits, to_model_input, torch_logits
-from anp_onnx.data import Preprocessing
+from anp_onnx.convert import convert
 from anp_onnx.errors import ConversionError
 from anp_onnx.model import load_model, make_session
 from anp_onnx.neurons import FALLBACK_KINDS, all_kinds, find_neurons
 from anp_onnx.neurons.norms import PerturbedGroupNorm, PerturbedInstanceNorm, PerturbedLayerNorm
-from builders import initializer, random_images
+from builders import initializer, ort_on, random_images, torch_with_plan
 
 
 def _t(rng, name, shape, scale=0.5, offset=0.0):
@@ -418,15 +417,8 @@ def test_repairer_parity_optimize_export(tmp_path, build, chosen):
             assert initializer(written, t.name).tobytes() == numpy_helper.to_array(t).tobytes()
     assert [n.input[:] for n in written.graph.node] == [n.input[:] for n in original.graph.node]
 
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    rep.apply_plan(plan)
-    try:
-        rep.net.eval()
-        got = torch_logits(rep.net, images.x)
-    finally:
-        rep.reset_masks()
-    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    got = torch_with_plan(rep, plan, images.x)
+    np.testing.assert_allclose(got, ort_on(out, images.x), atol=1e-5, rtol=0)
 
 
 def test_functional_onnx2torch_modules_wrapped():
@@ -481,15 +473,10 @@ def test_prune_groupnorm_count(tmp_path, opset, pruned):
     assert [(n.op_type, n.input[:], n.output[:]) for n in written.graph.node] == [
         (n.op_type, n.input[:], n.output[:]) for n in original.graph.node]
 
-    loaded = load_model(out)
-    ref = ort_logits(loaded, to_model_input(loaded, images.x, Preprocessing()))
-    rep = Repairer.open(path)
-    rep.apply_plan(plan)
-    rep.net.eval()
-    got = torch_logits(rep.net, images.x)
-    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    got = torch_with_plan(Repairer.open(path), plan, images.x)
+    np.testing.assert_allclose(got, ort_on(out, images.x), atol=1e-5, rtol=0)
     # the pruned neurons change the output: a pruned group/channel outputs its bias only
-    assert not np.allclose(got, ort_logits(load_model(path), to_model_input(loaded, images.x, Preprocessing())))
+    assert not np.allclose(got, ort_on(path, images.x))
 
 
 def test_functional_groupnorm_wrapped():

@@ -77,12 +77,14 @@ class ModelPage(Page):
                                      "unless the summary shows the wrong image size.")
         self.kinds = QComboBox(adv)
         self.kinds.setObjectName("kindsCombo")
-        self.kinds.addItem("Automatic (batch norm., else conv.)", None)
+        self.kinds.addItem("Automatic (normalisation layers, else conv.)", None)
         self.kinds.addItem("Batch normalisation channels", "batchnorm")
         self.kinds.addItem("Convolution/linear output channels", "conv")
         self.kinds.addItem("Both", "batchnorm,conv")
-        self.kinds.setToolTip("Which units count as neurons. Automatic uses batch normalisation channels, as the "
-                              "ANP paper does, and convolution output channels for models without them.")
+        self.kinds.setToolTip("Which units count as neurons. Automatic uses the channels of normalisation layers "
+                              "(batch normalisation, as the ANP paper does, or its per-channel Mul/Add form, "
+                              "instance, group and layer normalisation), and convolution output channels for "
+                              "models without them.")
         self.include = QLineEdit(adv)
         self.include.setPlaceholderText("all layers")
         self.include.setToolTip("Only prune in layers whose name matches one of these patterns "

@@ -89,12 +89,7 @@ class RunPage(Page):
     def refresh(self) -> None:
         s = self.session
         try:
-            config = self.win.settings_page.config()
-        except anp_onnx.AnpOnnxError as exc:
-            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
-            return
-        try:
-            config = config.resolve()
+            config = self.win.settings_page.config().resolve()
         except anp_onnx.AnpOnnxError as exc:
             self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
             return
