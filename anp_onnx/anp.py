@@ -51,6 +51,14 @@ class ANPConfig:
     is the reference's untargeted loop. A targeted step uses
     ``targeted_eps`` (0.2: on the sample models it ranked the backdoor neurons better than 0.4)
     instead of ``eps``. :meth:`reference` gives the reference settings throughout.
+
+    ``renormalise`` concerns neurons whose layer does not normalise (conv/linear output channels,
+    per-channel Mul/Add: BatchNorm folded away or absent). When on (the default) they are first
+    calibrated on the clean data and then perturbed as BatchNorm channels placed right after their
+    layer, with the clean output's mean and spread as statistics: the model is unchanged, ANP runs
+    as on a BatchNorm network (batch statistics, a pruned neuron outputs its clean mean) and the
+    collapse probe can be trusted (see :meth:`PerturbedModule.renormalise`). Off: the weights are
+    scaled directly and a pruned neuron outputs its bias.
     """
 
     eps: float = 0.4
@@ -69,6 +77,7 @@ class ANPConfig:
     snapshot_every: int = 0
     target: Optional[int | str] = "auto"
     targeted_eps: float = 0.2
+    renormalise: bool = True
 
     @classmethod
     def reference(cls, **changes) -> "ANPConfig":
@@ -135,7 +144,8 @@ class MaskResult:
     """Masks per layer (values in [0, 1]) and the optimisation's history.
 
     ``mean_masks`` is each mask's mean over all iterations: among equal final masks, the lower mean
-    fell earlier, and ranks first for pruning. ``target`` is the class the noise step pushed towards
+    fell earlier, and ranks first for pruning. ``centres`` holds the renormalised layers' clean
+    (mean, spread) per neuron (see ``ANPConfig.renormalise``); folding needs them. ``target`` is the class the noise step pushed towards
     (None: the reference's untargeted step) and ``probe`` the collapse probe that chose it, if run.
     """
 
@@ -148,6 +158,7 @@ class MaskResult:
     snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     target: Optional[int] = None
     probe: Optional[CollapseProbe] = None
+    centres: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -203,6 +214,16 @@ def optimize_masks(
     gen = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     net.to(device).eval()
+    for m in modules:
+        m.batch_stats = False
+        m.perturbed = False
+        with torch.no_grad():
+            m.neuron_mask.fill_(1.0)
+    if config.renormalise:
+        calibrate(net, modules, data, device=device)
+    else:
+        for m in modules:
+            m.set_centres(None, None)
     for m in modules:
         m.batch_stats = config.bn_mode == "train"
         with torch.no_grad():
@@ -301,7 +322,47 @@ def optimize_masks(
     seconds = time.perf_counter() - start
     means = {name: (total / config.iterations).float().cpu().numpy() for name, total in zip(neurons, mask_sums)}
     return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, means, snapshots,
-                      target, probe)
+                      target, probe, current_centres(neurons))
+
+
+#: Clean images used to calibrate renormalised neurons (all of them when the clean set is smaller).
+CALIBRATION_IMAGES = 2048
+
+
+@torch.no_grad()
+def calibrate(net: nn.Module, modules, data: ImageSet, device: str = "cpu",
+              max_images: int = CALIBRATION_IMAGES, batch_size: int = 256) -> int:
+    """Renormalise the neurons that do not normalise: their clean outputs' mean and spread on ``data``.
+
+    Runs the unperturbed model (eval mode, masks as they are, normally 1) on up to ``max_images``
+    clean images and gives every such module whose fold can take it (``centreable``) its per-neuron
+    statistics (see :meth:`PerturbedModule.renormalise`). Returns the number of layers calibrated.
+    """
+    chosen = [m for m in modules if not m.normalises and m.centreable]
+    if not chosen:
+        return 0
+    net.to(device).eval()
+    for m in chosen:
+        m.start_calibration()
+    try:
+        x = data.x[:max_images]
+        for start in range(0, len(x), batch_size):
+            net(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)).to(device))
+    except BaseException:
+        for m in chosen:
+            m._calibration = None
+        raise
+    for m in chosen:
+        m.finish_calibration()
+    _LOGGER.info("renormalised %d layers that do not normalise (statistics of %d clean images)",
+                 len(chosen), len(x))
+    return len(chosen)
+
+
+def current_centres(neurons: dict[str, PerturbedModule]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The renormalised layers' (centre, spread) per neuron."""
+    return {name: (m.centre.float().cpu().numpy().copy(), m.spread.float().cpu().numpy().copy())
+            for name, m in neurons.items() if m.renormalised}
 
 
 def current_masks(neurons: dict[str, PerturbedModule]) -> dict[str, np.ndarray]:

@@ -20,11 +20,11 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from . import __version__
-from .anp import ANPConfig, MaskResult, optimize_masks, resolve_device
+from .anp import ANPConfig, MaskResult, calibrate, current_centres, optimize_masks, resolve_device
 from .convert import ClassifierNet, convert, install_neurons, ort_logits, parity, to_model_input, torch_logits
 from .convert import PARITY_ATOL, PARITY_RTOL
 from .data import ImageSet, Preprocessing, load_images
-from .errors import ModelError, SettingsError, UnsupportedModelError
+from .errors import DataError, ModelError, SettingsError, UnsupportedModelError
 from .evaluate import EvalResult, evaluate
 from .fold import (
     check_data_path, check_output_path, check_written, external_names_for, fold_plan, read_metadata, save_model,
@@ -249,6 +249,27 @@ class Repairer:
             self.reset_masks()
             self.net.to("cpu")
 
+    @property
+    def centres(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Renormalised layers' clean (mean, spread) per neuron (set by :meth:`optimize`; see ANPConfig)."""
+        return current_centres(self.modules)
+
+    def set_centres(self, centres: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Renormalise exactly the layers named in ``centres`` (as saved with masks), the others not."""
+        unknown = [name for name in centres if name not in self.modules]
+        if unknown:
+            raise DataError(f"the saved centres name layers this model does not have: {', '.join(unknown[:5])}")
+        for name, m in self.modules.items():
+            if name in centres:
+                if m.normalises or not m.centreable:
+                    raise DataError(f"layer {name} cannot be renormalised, but the saved masks say it was")
+                try:
+                    m.set_centres(*centres[name])
+                except ValueError as exc:
+                    raise DataError(f"saved centres of {name}: {exc}") from None
+            else:
+                m.set_centres(None, None)
+
     def apply_plan(self, plan: PrunePlan) -> None:
         """Set the torch model's masks to the plan (0 pruned, 1 kept): the repaired model in torch."""
         for name, m in self.modules.items():
@@ -262,7 +283,7 @@ class Repairer:
         """Masks as JSON at ``path`` and as the reference's mask_values.txt beside it."""
         path = Path(path)
         facts = {"model": self._model_facts(), **(dict(extra) if extra else {})}
-        save_masks_json(path, masks, self.layers, facts, mean_masks)
+        save_masks_json(path, masks, self.layers, facts, mean_masks, self.centres)
         txt = mask_values_path(path)
         save_mask_values_txt(txt, masks)
         return [path, txt]
@@ -285,7 +306,8 @@ class Repairer:
             "pruned": plan.to_dict(),
             **(dict(metadata) if metadata else {}),
         }
-        folded, editor = fold_plan(self.model.proto, self.layers, plan, meta)
+        centres = {name: centre for name, (centre, _) in self.centres.items()}
+        folded, editor = fold_plan(self.model.proto, self.layers, plan, meta, centres)
         external = external_names_for(folded, self.model.external_tensors, editor.copies)
         if external:
             check_data_path(out, self.model.external_files, overwrite)
@@ -357,17 +379,20 @@ def _no_neurons_message(model: LoadedModel, search: NeuronSearch) -> str:
 def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
                   data: Optional[os.PathLike | str] = None, preprocessing: Optional[Preprocessing] = None,
                   kinds: Optional[Sequence[str]] = None, include: Optional[Sequence[str]] = None,
-                  exclude: Optional[Sequence[str]] = None) -> ModelInfo:
+                  exclude: Optional[Sequence[str]] = None, renormalise: bool = True) -> ModelInfo:
     """Describe a model and check its conversion (on ``data`` when given, else on random images).
 
-    With clean ``data`` and normalising neurons the collapse probe runs too (``ModelInfo.probe``): a
-    suspected target is a sign of a backdoor, found without any trigger (see anp_onnx.collapse).
+    With clean ``data`` the collapse probe runs too (``ModelInfo.probe``), when every neuron layer
+    normalises or (``renormalise``, as in ``ANPConfig``) is renormalised on ``data``: a suspected
+    target is a sign of a backdoor, found without any trigger (see anp_onnx.collapse).
     """
     rep = Repairer.open(path, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
                         exclude=exclude)
     images = rep.load_data(data) if data is not None else _random_images(rep.model.input)
     rep.check_parity(images)
     info = rep.info()
+    if data is not None and renormalise:
+        calibrate(rep.net, rep.modules.values(), images)
     if data is not None and probe_supported(rep.modules.values()):
         info = replace(info, probe=find_target(rep.net, rep.modules.values(), images))
     return info
@@ -507,6 +532,7 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
         masks, facts = load_masks(masks)
     rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
                         exclude=exclude)
+    rep.set_centres(facts.get("centres") or {})
     recorded = (facts.get("model") or {}).get("sha256") if isinstance(facts.get("model"), dict) else None
     if recorded and rep.model.path and recorded != file_sha256(rep.model.path):
         _LOGGER.warning("the masks were computed on a different file than %s (sha256 differs)", rep.model.path)

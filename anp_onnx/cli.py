@@ -102,13 +102,21 @@ def _anp_target(text: str):
     return value
 
 
+def _renormalise_option(p) -> None:
+    p.add_argument("--no-renormalise", action="store_true",
+                   help="neurons of layers that do not normalise (conv/linear channels, per-channel Mul+Add: "
+                        "BatchNorm folded away) scale their weights directly, as in ANP's paper, instead of "
+                        "being perturbed as BatchNorm channels with the clean data's statistics (the default, "
+                        "which also lets the collapse probe run on such models)")
+
+
 def _anp_options(p: argparse.ArgumentParser) -> None:
     d = ANPConfig()
     g = p.add_argument_group("ANP optimisation (defaults: the reference code's, but for --anp-target)")
     g.add_argument("--anp-target", type=_anp_target, default=d.target, metavar="auto|none|CLASS",
                    help="push the neuron noise towards a class: auto (default) when clean images under neuron "
-                        "noise clearly collapse to one class (the suspected backdoor target; models with "
-                        "normalisation layers), none = the reference's untargeted noise, or a class index")
+                        "noise clearly collapse to one class (the suspected backdoor target), none = the "
+                        "reference's untargeted noise, or a class index")
     g.add_argument("--reference", action="store_true",
                    help="the reference ANP exactly: untargeted noise (--anp-target none) and, unless another "
                         "pruning option is given, --threshold 0.2")
@@ -130,6 +138,7 @@ def _anp_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--project-noise", action="store_true", help="clip the noise to [-eps, eps] after each step")
     g.add_argument("--seed", type=int, default=d.seed, help="random seed (same seed, same masks)")
     g.add_argument("--device", default=d.device, help="auto (CUDA when available), cpu, cuda or cuda:N")
+    _renormalise_option(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Describe a model and check that its torch conversion matches onnxruntime.")
     _model_options(p)
     _neuron_options(p)
-    p.add_argument("--data", help="clean images for the conversion check (default: random images) and, for models "
-                                  "with normalisation layers, the collapse probe (does the model collapse to a "
-                                  "suspected backdoor target under neuron noise?)")
+    p.add_argument("--data", help="clean images for the conversion check (default: random images) and the "
+                                  "collapse probe (does the model collapse to a suspected backdoor target under "
+                                  "neuron noise?)")
+    _renormalise_option(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
     p = sub.add_parser("repair", help="learn ANP masks on clean data, prune, and write the repaired model",
@@ -209,6 +219,7 @@ def _config(args: argparse.Namespace) -> ANPConfig:
         iterations=args.iterations, batch_size=args.batch_size, bn_mode=args.bn_mode, augment=not args.no_augment,
         crop_padding=args.crop_padding, project_noise=args.project_noise, seed=args.seed, device=args.device,
         target=None if args.reference else args.anp_target, targeted_eps=args.targeted_eps,
+        renormalise=not args.no_renormalise,
     )
 
 
@@ -290,14 +301,16 @@ def _score_rows(before: Optional[EvalResult], after: Optional[EvalResult], label
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     info = inspect_model(args.model, layout=args.layout, data=args.data, preprocessing=args.preprocess,
-                         kinds=args.kinds, include=args.layers, exclude=args.exclude_layers)
+                         kinds=args.kinds, include=args.layers, exclude=args.exclude_layers,
+                         renormalise=not args.no_renormalise)
     if args.json:
         print(json.dumps(info.to_dict(), indent=2))
     else:
         _print_info(info)
         if args.data and info.probe is None:
             print("probe      not run: it needs every neuron layer to normalise its input (BatchNorm, "
-                  "InstanceNorm, GroupNorm, LayerNorm)")
+                  "InstanceNorm, GroupNorm, LayerNorm) or to be renormalised (not with --no-renormalise; "
+                  "a lone per-channel Mul and a MatMul without a bias Add cannot be)")
     return 0
 
 
@@ -323,6 +336,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     if rows:
         print(_table(rows, ["", "before", "after"]))
     opt = result.optimisation
+    if opt.centres:
+        print(f"renormalised layers: {len(opt.centres)} without normalisation, perturbed as BatchNorm channels "
+              "(--no-renormalise: off)")
     if opt.probe is not None:
         print(f"collapse probe: {opt.probe.describe()}")
     print("ANP noise: " + (f"targeted at class {opt.target}" if opt.target is not None

@@ -115,7 +115,7 @@ class CollapseProbe:
 def probe_supported(modules: Iterable[PerturbedModule]) -> bool:
     """Whether the probe can be trusted for these neurons: all of them renormalise their input."""
     modules = list(modules)
-    return bool(modules) and all(m.normalises for m in modules)
+    return bool(modules) and all(m.normalises or m.renormalised for m in modules)
 
 
 def find_target(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,

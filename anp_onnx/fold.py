@@ -33,14 +33,20 @@ METADATA_PREFIX = "anp_onnx."
 
 
 def fold_plan(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: PrunePlan,
-              metadata: Optional[Mapping[str, object]] = None) -> tuple[onnx.ModelProto, InitializerEditor]:
-    """A copy of ``model`` with ``plan`` folded in, and the editor that knows what changed."""
+              metadata: Optional[Mapping[str, object]] = None,
+              centres: Optional[Mapping[str, np.ndarray]] = None) -> tuple[onnx.ModelProto, InitializerEditor]:
+    """A copy of ``model`` with ``plan`` folded in, and the editor that knows what changed.
+
+    ``centres`` (layer name -> clean mean per neuron) are the renormalised layers' (see
+    ``ANPConfig.renormalise``): their pruned neurons are written to output that mean.
+    """
     out = copy.deepcopy(model)
     editor = InitializerEditor(out)
+    centres = centres or {}
     for layer in layers:
         idx = np.asarray(plan.pruned.get(layer.name, ()), dtype=np.int64)
         if idx.size:
-            get_kind(layer.kind).fold(layer, idx, editor)
+            get_kind(layer.kind).fold(layer, idx, editor, centres.get(layer.name))
     set_metadata(out, metadata or {})
     return out, editor
 

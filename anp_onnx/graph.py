@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> Iterable[str]:
@@ -148,6 +148,23 @@ class InitializerEditor:
         tensor.ClearField("double_data")
         tensor.ClearField("int32_data")
         tensor.raw_data = new.raw_data
+        self.changed.add(name)
+        return name
+
+    def add_input(self, node: onnx.NodeProto, values: np.ndarray, suffix: str) -> str:
+        """Give ``node`` one more input: a new initializer ``<node>_<suffix>`` holding ``values``.
+
+        For an optional input the node lacks (a Conv's or Gemm's bias); returns the name chosen.
+        """
+        name = self._unique(f"{node.name or node.output[0]}_{suffix}")
+        tensor = self.model.graph.initializer.add()
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(values), name))
+        self.index.initializers[name] = tensor
+        self.index.uses[name] = 1
+        if self.model.ir_version < 4:  # IR 3: every initializer must also be a graph input
+            self.model.graph.input.append(helper.make_tensor_value_info(
+                name, helper.np_dtype_to_tensor_dtype(values.dtype), list(values.shape)))
+        node.input.append(name)
         self.changed.add(name)
         return name
 

@@ -163,10 +163,12 @@ def file_sha256(path: os.PathLike | str) -> str:
 
 def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], layers: Sequence[NeuronLayer],
                     extra: Optional[Mapping[str, Any]] = None,
-                    mean_masks: Optional[Mapping[str, np.ndarray]] = None) -> None:
+                    mean_masks: Optional[Mapping[str, np.ndarray]] = None,
+                    centres: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None) -> None:
     """Write masks with their layers' ONNX mapping (and ``extra`` facts: model hash, settings).
 
-    ``mean_masks`` (each mask's mean over the optimisation) are stored too: they break ties.
+    ``mean_masks`` (each mask's mean over the optimisation) are stored too: they break ties; so are
+    the renormalised layers' ``centres`` (clean mean and spread per neuron): folding needs them.
     """
     by_name = {layer.name: layer for layer in layers}
 
@@ -174,6 +176,9 @@ def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], la
         out = {**by_name[name].to_dict(), "mask": [round(float(v), 6) for v in values]}
         if mean_masks is not None and name in mean_masks:
             out["mean_mask"] = [round(float(v), 6) for v in mean_masks[name]]
+        if centres and name in centres:
+            out["centre"] = [float(v) for v in np.asarray(centres[name][0], dtype=np.float32)]
+            out["spread"] = [float(v) for v in np.asarray(centres[name][1], dtype=np.float32)]
         return out
 
     doc = {
@@ -197,7 +202,8 @@ def save_mask_values_txt(path: os.PathLike | str, masks: Mapping[str, np.ndarray
 def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Masks from a masks JSON written by anp-onnx or a reference mask_values.txt; and the JSON's facts.
 
-    The facts include ``mean_masks`` (the tie-breakers) when the file has them.
+    The facts include ``mean_masks`` (the tie-breakers) and ``centres`` (renormalised layers' clean
+    mean and spread) when the file has them.
     """
     path = Path(path)
     if not path.is_file():
@@ -209,11 +215,16 @@ def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str
             masks = {layer["name"]: np.asarray(layer["mask"], dtype=np.float32) for layer in doc["layers"]}
             means = {layer["name"]: np.asarray(layer["mean_mask"], dtype=np.float32)
                      for layer in doc["layers"] if "mean_mask" in layer}
+            centres = {layer["name"]: (np.asarray(layer["centre"], dtype=np.float32),
+                                       np.asarray(layer["spread"], dtype=np.float32))
+                       for layer in doc["layers"] if "centre" in layer}
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
         facts = {k: v for k, v in doc.items() if k != "layers"}
         if means:
             facts["mean_masks"] = means
+        if centres:
+            facts["centres"] = centres
         return masks, facts
     return _load_txt(path, text), {}
 

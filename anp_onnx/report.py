@@ -51,6 +51,7 @@ def report_dict(result: "RepairResult") -> dict:
             "final_loss_rob": _last(result.optimisation.history.get("loss_rob")),
             "noise_target": result.optimisation.target,
             "collapse_probe": result.optimisation.probe.to_dict() if result.optimisation.probe else None,
+            "renormalised_layers": sorted(result.optimisation.centres),
         },
         "preprocessing": result.preprocessing.to_dict(),
         "conversion_parity_max_abs_diff": result.parity,
@@ -132,6 +133,10 @@ def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
               f"{result.optimisation.device} in {result.optimisation.seconds:.1f} s (total {result.seconds:.1f} s).", ""]
     lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
     opt = result.optimisation
+    if opt.centres:
+        lines += [f"{len(opt.centres)} neuron layers without normalisation (BatchNorm folded away or absent) were "
+                  "renormalised: perturbed as BatchNorm channels with clean-data statistics; their pruned "
+                  "neurons output their clean mean.", ""]
     if opt.probe is not None:
         lines += [f"Collapse probe (clean images only): {opt.probe.describe()}.", ""]
     lines += ["ANP neuron noise: " + (f"targeted at class {opt.target}." if opt.target is not None

@@ -4,9 +4,10 @@
 
 Trains the sample models' PreActResNet-mini with sample_models/make_samples.py's recipe but no
 poisoned images (so it needs ../shared/data/cifar10, like make_samples.py), exports it to ONNX in a
-temporary folder, then runs the collapse probe (anp_onnx.collapse.find_target) on the bundled 500
-clean images, exactly as ANP does before optimising, and prints what it found next to the bundled
-backdoored models' probes.
+temporary folder with BatchNorm kept and with BatchNorm folded (as badnets_preact_folded.onnx), then
+runs the collapse probe (anp_onnx.collapse.find_target) on the bundled 500 clean images, exactly as
+ANP does before optimising (renormalising the folded model's neurons first), and prints what it
+found next to the bundled backdoored models' probes.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ sys.path.insert(0, str(ROOT / "sample_models"))
 
 def probe(path: Path):
     import anp_onnx
+    from anp_onnx.anp import calibrate
     from anp_onnx.collapse import find_target
 
     rep = anp_onnx.Repairer.open(path)
-    return find_target(rep.net, rep.modules.values(), rep.load_data(ROOT / "sample_models" / "data" / "clean_500.npz"))
+    clean = rep.load_data(ROOT / "sample_models" / "data" / "clean_500.npz")
+    calibrate(rep.net, rep.modules.values(), clean)  # BN folded away: renormalise (as ANPConfig does)
+    return find_target(rep.net, rep.modules.values(), clean)
 
 
 def main(argv=None) -> int:
@@ -47,9 +51,13 @@ def main(argv=None) -> int:
         path = Path(tmp) / "clean_preact.onnx"
         ms.export_onnx(model, path, keep_bn=True)
         result = probe(path)
+        ms.export_onnx(ms.fold_preact(model)[0], Path(tmp) / "clean_preact_folded.onnx", keep_bn=False)
+        folded = probe(Path(tmp) / "clean_preact_folded.onnx")
     print(f"clean PreActResNet-mini, {args.epochs} epochs, validation accuracy {info['history'][-1]['val_acc']:.3f}:")
-    print(f"  {result.describe()} (runner-up ratio {result.ratio:.1f})")
-    for name in ("badnets_preact", "blend_preact", "sig_preact", "ibau_badnets_vgg", "ibau_trojan_vgg"):
+    print(f"  BN kept:   {result.describe()} (runner-up ratio {result.ratio:.1f})")
+    print(f"  BN folded: {folded.describe()} (runner-up ratio {folded.ratio:.1f})")
+    for name in ("badnets_preact", "badnets_preact_folded", "blend_preact", "sig_preact", "ibau_badnets_vgg",
+                 "ibau_trojan_vgg"):
         r = probe(ROOT / "sample_models" / f"{name}.onnx")
         print(f"{name}: {r.describe()} (runner-up ratio {r.ratio:.1f})")
     return 0

@@ -118,11 +118,11 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.parametrize("command, options", [
-    ("inspect", ["--json", "--data", "--layers", "--exclude-layers", "--layout", "--preprocess"]),
+    ("inspect", ["--json", "--data", "--layers", "--exclude-layers", "--layout", "--preprocess", "--no-renormalise"]),
     ("repair", ["--data", "--out", "--overwrite", "--masks-out", "--holdout", "--test", "--poisoned", "--target",
                 "--iterations", "--batch-size", "--eps", "--steps", "--alpha", "--mask-lr", "--momentum",
                 "--bn-mode", "--no-augment", "--crop-padding", "--project-noise", "--seed", "--device",
-                "--threshold", "--count", "--fraction", "--layers"]),
+                "--threshold", "--count", "--fraction", "--layers", "--no-renormalise"]),
     ("prune", ["--masks", "--out", "--overwrite", "--data", "--threshold", "--count", "--fraction", "--preprocess"]),
     ("evaluate", ["--data", "--poisoned", "--target", "--json", "--layout", "--preprocess"]),
 ])
@@ -415,6 +415,25 @@ def test_inspect_model_with_batchnorm_folded_uses_conv_channels(files, bad, caps
     assert [(layer["kind"], layer["op_type"], layer["size"]) for layer in info["layers"]] == [
         ("conv", "Conv", 8), ("conv", "Conv", 16)]
     assert info["neurons"] == 24
+
+
+def test_repair_folded_model_renormalises_and_prune_reuses_the_centres(files, bad, capsys) -> None:
+    out, again = bad["root"] / "folded_out.onnx", bad["root"] / "folded_again.onnx"
+    assert main(["repair", str(bad["folded"]), "--data", str(files["clean"]), "--out", str(out),
+                 "--iterations", "3", "--batch-size", "8", "--count", "3"]) == 0
+    assert "renormalised layers: 2 without normalisation" in capsys.readouterr().out
+    report = json.loads((bad["root"] / "folded_out.report.json").read_text())
+    assert len(report["optimisation"]["renormalised_layers"]) == 2
+    masks = bad["root"] / "folded_out.masks.json"
+    assert all("centre" in layer for layer in json.loads(masks.read_text())["layers"])
+    assert main(["prune", str(bad["folded"]), "--masks", str(masks), "--out", str(again), "--count", "3"]) == 0
+    capsys.readouterr()
+    a, b = onnx.load(str(out)), onnx.load(str(again))
+    assert {t.name: t.raw_data for t in a.graph.initializer} == {t.name: t.raw_data for t in b.graph.initializer}
+    plain = bad["root"] / "folded_plain.onnx"
+    assert main(["repair", str(bad["folded"]), "--data", str(files["clean"]), "--out", str(plain),
+                 "--iterations", "3", "--batch-size", "8", "--count", "3", "--no-renormalise"]) == 0
+    assert "renormalised layers" not in capsys.readouterr().out
 
 
 def test_error_unknown_preprocess(files, bad, capsys) -> None:

@@ -11,6 +11,7 @@ import torch
 import anp_onnx
 from anp_onnx import ANPConfig, Repairer
 from anp_onnx.collapse import CollapseProbe, find_target, probe_collapse, probe_pull, probe_supported
+from anp_onnx.anp import calibrate
 from anp_onnx.errors import SettingsError
 from builders import synthetic_images, train_backdoored
 
@@ -23,6 +24,7 @@ def models(tmp_path_factory):
         "target7": train_backdoored(d / "t7.onnx", target=7, seed=1),
         "clean": train_backdoored(d / "clean.onnx", poison=0.0),
         "folded": train_backdoored(d / "folded.onnx", target=0, fold_bn=True),
+        "clean_folded": train_backdoored(d / "clean_folded.onnx", poison=0.0, fold_bn=True),
     }
 
 
@@ -54,8 +56,21 @@ def test_probe_names_no_target_on_a_clean_model(models):
 
 def test_probe_needs_normalising_neurons(models):
     assert probe_supported(Repairer.open(models["target0"]).modules.values())
-    assert not probe_supported(Repairer.open(models["folded"]).modules.values())
+    folded = Repairer.open(models["folded"])
+    assert not probe_supported(folded.modules.values())  # conv neurons, not yet renormalised
+    calibrate(folded.net, folded.modules.values(), synthetic_images(64, seed=3))
+    assert probe_supported(folded.modules.values())
     assert not probe_supported([])
+
+
+@pytest.mark.parametrize("name, target", [("folded", 0), ("clean_folded", None)])
+def test_probe_on_renormalised_conv_neurons(models, name, target):
+    """BatchNorm folded into the convs: renormalised conv neurons give the probe back its signal."""
+    rep = Repairer.open(models[name])
+    images = synthetic_images(300, seed=3)
+    calibrate(rep.net, rep.modules.values(), images)
+    probe = find_target(rep.net, rep.modules.values(), images)
+    assert probe.suspected_target == target, probe.describe()
 
 
 def test_probe_leaves_the_model_as_it_was(models):
@@ -121,10 +136,11 @@ def test_inspect_runs_the_probe_with_clean_data(models, tmp_path, capsys):
     assert info.probe is not None and info.probe.suspected_target == 7
     assert info.to_dict()["collapse_probe"]["suspected_target"] == 7
     assert anp_onnx.inspect_model(models["target7"]).probe is None          # random images: no probe
-    assert anp_onnx.inspect_model(models["folded"], data=tmp_path / "clean.npz").probe is None
+    assert anp_onnx.inspect_model(models["folded"], data=tmp_path / "clean.npz").probe.suspected_target == 0
+    assert anp_onnx.inspect_model(models["folded"], data=tmp_path / "clean.npz", renormalise=False).probe is None
     assert main(["inspect", str(models["target7"]), "--data", str(tmp_path / "clean.npz")]) == 0
     assert "suspected backdoor target 7" in capsys.readouterr().out
-    assert main(["inspect", str(models["folded"]), "--data", str(tmp_path / "clean.npz")]) == 0
+    assert main(["inspect", str(models["folded"]), "--data", str(tmp_path / "clean.npz"), "--no-renormalise"]) == 0
     assert "probe      not run" in capsys.readouterr().out
 
 
@@ -136,9 +152,11 @@ def test_probe_is_not_sure_enough_on_the_ibau_vgg():
     assert probe.top == 8 and probe.suspected_target is None
 
 
-def test_auto_target_falls_back_to_the_reference_without_normalisation(models):
+def test_auto_target_on_folded_models_and_fallback_without_renormalisation(models):
     rep = Repairer.open(models["folded"])
-    result = rep.optimize(synthetic_images(64, seed=3), ANPConfig(iterations=4, batch_size=16))
+    result = rep.optimize(synthetic_images(300, seed=3), ANPConfig(iterations=4, batch_size=16))
+    assert result.target == 0 and result.probe is not None
+    result = rep.optimize(synthetic_images(64, seed=3), ANPConfig(iterations=4, batch_size=16, renormalise=False))
     assert result.target is None and result.probe is None
 
 

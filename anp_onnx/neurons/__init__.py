@@ -76,9 +76,15 @@ def find_neurons(
         layers, notes = _search(model, index, searched)
         fallback = [kind for name, kind in all_kinds().items() if name in FALLBACK_KINDS]
         if layers:
-            if fallback:
-                notes.append("normalisation neurons found: conv/linear output channels not used "
-                             "(list the kinds to use both, e.g. --kinds batchnorm conv)")
+            folded, skipped = _folded_convs(model, index, fallback, layers)
+            if folded:
+                layers += folded
+                notes.append(f"{len(folded)} conv layers followed directly by an activation (normalisation "
+                             f"folded into them) also used as neurons: {', '.join(f.name for f in folded[:5])}"
+                             + (" ..." if len(folded) > 5 else ""))
+            if fallback and skipped:
+                notes.append("normalisation neurons found: other conv/linear output channels not used "
+                             "(list the kinds to use all, e.g. --kinds batchnorm conv)")
         elif fallback:
             searched += fallback
             layers, more = _search(model, index, fallback)
@@ -94,6 +100,49 @@ def find_neurons(
         (kept if ok else excluded).append(layer)
     return NeuronSearch(tuple(kept), tuple(notes), tuple(layer.name for layer in excluded),
                         tuple(kind.name for kind in searched))
+
+
+#: Element-wise activations: a conv whose output goes straight into one had its normalisation folded in
+#: (conv -> BN -> ReLU exported with BN fused), unlike a conv feeding a normalisation or a residual Add.
+ACTIVATIONS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Softplus", "Gelu", "Mish", "ThresholdedRelu",
+})
+
+
+def _folded_convs(model: onnx.ModelProto, index: GraphIndex, kinds: Sequence[NeuronKind],
+                  norms: Sequence[NeuronLayer]) -> tuple[list[NeuronLayer], bool]:
+    """Conv/ConvTranspose layers (of ``kinds``) whose only reader is an activation that no normalisation
+    layer (of ``norms``) reads; and whether other such layers exist.
+
+    In a network that keeps some normalisation layers these are the convs into which an exporter
+    folded a BatchNorm (the torch exporter folds Conv -> BN, not BN after a residual Add), so they
+    stand for the missing normalisation neurons; without them the model has fewer neurons than the
+    same network with every BatchNorm kept. (Conv -> ReLU -> BN is normalised after the activation.)
+    """
+    normalised: set[str] = set()
+    for layer in norms:
+        node = index.producer.get(layer.output)
+        if node is None:
+            continue
+        normalised.update(node.input)
+        if layer.op_type == "Mul+Add":  # the layer's output is the Add's; its input is the Mul's
+            for v in node.input:
+                mul = index.producer.get(v)
+                if mul is not None and mul.op_type == "Mul":
+                    normalised.update(mul.input)
+    chosen: list[NeuronLayer] = []
+    others = False
+    layers, _ = _search(model, index, kinds)
+    for layer in layers:
+        readers = index.consumers.get(layer.output, [])
+        if (layer.op_type in ("Conv", "ConvTranspose") and index.uses.get(layer.output, 0) == 1
+                and len(readers) == 1 and readers[0][0].op_type in ACTIVATIONS
+                and readers[0][0].output[0] not in normalised):
+            chosen.append(layer)
+        else:
+            others = True
+    return chosen, others
 
 
 def _search(model: onnx.ModelProto, index: GraphIndex,

@@ -72,6 +72,7 @@ class PerturbedAffine(PerturbedModule):
     def __init__(self, size: int, with_bias: bool, const_input: int = 1) -> None:
         super().__init__(size)
         self.with_bias = with_bias
+        self.centreable = with_bias  # a pruned channel's clean mean goes into the Add's bias
         self.const_input = const_input
 
     def _const_index(self, first: torch.Tensor, second: torch.Tensor) -> int:
@@ -92,13 +93,16 @@ class PerturbedAffine(PerturbedModule):
         slot = _channel_slot(tuple(const.shape), const.numel())
         view = (-1,) + (1,) * slot
         wc, bc = self.coefficients()
-        wc = wc.to(const.dtype).view(view)
+        if wc is not None:
+            wc = wc.to(const.dtype).view(view)
         if not self.with_bias:
-            scaled = const * wc
-            return scaled * data if ci == 0 else data * scaled
-        bias = const if bc is None else const * bc.to(const.dtype).view(view)
-        y = data * wc
-        return bias + y if ci == 0 else y + bias
+            scaled = const if wc is None else const * wc
+            out = scaled * data if ci == 0 else data * scaled
+        else:
+            bias = const if bc is None else const * bc.to(const.dtype).view(view)
+            y = data if wc is None else data * wc
+            out = bias + y if ci == 0 else y + bias
+        return self.renormalise(out, out.dim() - 1 - slot)
 
 
 @register_kind
@@ -170,8 +174,16 @@ class AffineKind(NeuronKind):
             raise TypeError(f"{layer.name}: legacy broadcast is not supported")
         return PerturbedAffine(layer.size, with_bias=layer.op_type == "Mul+Add")
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
-        node = self.node_of(layer, editor)
+    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+             centre: Optional[np.ndarray] = None) -> None:
+        pruned = np.asarray(pruned, dtype=np.int64)
+        add = node = self.node_of(layer, editor)
+        if centre is not None and layer.op_type == "Mul+Add":  # a renormalised channel outputs its clean mean
+            i = list(add.input).index(layer.param("bias"))
+            bias = editor.read(add, i).copy()
+            flat = bias.reshape(-1)
+            flat[pruned] = np.asarray(centre, dtype=bias.dtype)[pruned]
+            editor.write(add, i, flat.reshape(bias.shape))
         if layer.op_type == "Mul+Add":
             node = next((editor.index.producer.get(name) for name in node.input
                          if editor.index.producer.get(name) is not None
@@ -181,7 +193,7 @@ class AffineKind(NeuronKind):
         i = list(node.input).index(layer.param("scale"))
         scale = editor.read(node, i).copy()
         flat = scale.reshape(-1)  # one non-1 dimension: the flat index is the channel
-        flat[np.asarray(pruned, dtype=np.int64)] = 0
+        flat[pruned] = 0
         editor.write(node, i, flat.reshape(scale.shape))  # the bias is kept: a pruned channel outputs it
 
 

@@ -81,6 +81,7 @@ class PerturbedConv(PerturbedModule):
         if conv.padding_mode != "zeros":
             raise TypeError(f"conv neurons: padding_mode {conv.padding_mode!r} is not supported")
         super().__init__(conv.out_channels)
+        self.centreable = True
         self.transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
         self.register_buffer("weight", conv.weight.detach().clone())
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
@@ -90,7 +91,9 @@ class PerturbedConv(PerturbedModule):
         self.groups = conv.groups
         self.output_padding = getattr(conv, "output_padding", 0)
 
-    def scaled_weight(self, wc: torch.Tensor) -> torch.Tensor:
+    def scaled_weight(self, wc: Optional[torch.Tensor]) -> torch.Tensor:
+        if wc is None:
+            return self.weight
         wc = wc.to(self.weight.dtype)
         if not self.transposed:
             return self.weight * wc.view(_row_shape(self.weight.dim(), 0, -1))
@@ -108,9 +111,11 @@ class PerturbedConv(PerturbedModule):
         if self.pad is not None:
             x = self.pad(x)
         if self.transposed:
-            return _CONV_T_FN[self.spatial](x, weight, bias, self.stride, self.padding, self.output_padding,
-                                            self.groups, self.dilation)
-        return _CONV_FN[self.spatial](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            z = _CONV_T_FN[self.spatial](x, weight, bias, self.stride, self.padding, self.output_padding,
+                                         self.groups, self.dilation)
+        else:
+            z = _CONV_FN[self.spatial](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.renormalise(z, 1)
 
 
 class PerturbedLinear(PerturbedModule):
@@ -118,14 +123,15 @@ class PerturbedLinear(PerturbedModule):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear.out_features)
+        self.centreable = True
         self.register_buffer("weight", linear.weight.detach().clone())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wc, bc = self.coefficients()
-        weight = self.weight * wc.to(self.weight.dtype)[:, None]
+        weight = self.weight if wc is None else self.weight * wc.to(self.weight.dtype)[:, None]
         bias = self.bias if (bc is None or self.bias is None) else self.bias * bc.to(self.bias.dtype)
-        return F.linear(x, weight, bias)
+        return self.renormalise(F.linear(x, weight, bias), -1)
 
 
 class PerturbedMatMul(PerturbedModule):
@@ -139,7 +145,7 @@ class PerturbedMatMul(PerturbedModule):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         wc, _ = self.coefficients()
-        return torch.matmul(x, y * wc.to(y.dtype))
+        return self.renormalise(torch.matmul(x, y if wc is None else y * wc.to(y.dtype)), -1)
 
 
 @register_kind
@@ -201,7 +207,10 @@ class ConvKind(NeuronKind):
                 return None, "MatMul with a constant first input skipped"
             size = w_shape[1]
             bias = ""
+            shift = _bias_add(node, index, size)
         params = (("weight", weight),) + ((("bias", bias),) if bias else ())
+        if op == "MatMul" and shift:
+            params += (("shift", shift),)
         return NeuronLayer(name=node_label(node), kind=self.name, op_type=op, node_name=node.name,
                            output=node.output[0], size=size, params=params), ""
 
@@ -227,6 +236,7 @@ class ConvKind(NeuronKind):
             if matmul is None or not isinstance(module, matmul):
                 raise TypeError(f"{layer.name}: expected onnx2torch's OnnxMatMul, got {type(module).__name__}")
             wrapped = PerturbedMatMul(layer.size)
+            wrapped.centreable = "shift" in dict(layer.params)
         else:
             raise TypeError(f"{layer.name}: conv neurons do not cover {op}")
         if wrapped.neuron_mask.numel() != layer.size:
@@ -234,7 +244,8 @@ class ConvKind(NeuronKind):
                             f"the ONNX node {layer.size}")
         return wrapped
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor) -> None:
+    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+             centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         weight = editor.read(node, 1).copy()
         pruned = np.asarray(pruned, dtype=np.int64)
@@ -250,7 +261,52 @@ class ConvKind(NeuronKind):
             weight[pruned, :] = 0
         else:  # Gemm with transB=0, MatMul: output units are columns
             weight[:, pruned] = 0
-        editor.write(node, 1, weight)  # the bias is kept: a pruned channel outputs its constant bias
+        editor.write(node, 1, weight)
+        if centre is None:
+            return  # the bias is kept: a pruned channel outputs its constant bias
+        values = np.asarray(centre, dtype=weight.dtype)[pruned]
+        if node.op_type == "Gemm":  # Gemm adds beta * C
+            values = values / np.asarray(float(_attr(node, "beta", 1.0)), dtype=weight.dtype)
+        if node.op_type == "MatMul":  # the bias is the following Add's: it gains the MatMul's clean mean
+            add, i = _bias_add_input(node, editor.index, layer.param("shift"))
+            shift = editor.read(add, i).copy()
+            flat = shift.reshape(-1)
+            flat[pruned] += values
+            editor.write(add, i, flat.reshape(shift.shape))
+            return
+        if len(node.input) > 2 and node.input[2]:  # a renormalised channel outputs its clean mean
+            bias = editor.read(node, 2).copy()
+            bias[pruned] = values
+            editor.write(node, 2, bias)
+        else:
+            bias = np.zeros(layer.size, dtype=weight.dtype)
+            bias[pruned] = values
+            while len(node.input) > 2:  # an empty optional bias name
+                node.input.pop()
+            editor.add_input(node, bias, "bias_anp")
+
+
+def _bias_add(node: onnx.NodeProto, index: GraphIndex, size: int) -> str:
+    """The per-column constant of the Add that alone reads a MatMul's output (Dense = MatMul + Add), or ""."""
+    out = node.output[0]
+    readers = index.consumers.get(out, [])
+    if index.uses.get(out, 0) != 1 or len(readers) != 1:
+        return ""
+    add, i = readers[0]
+    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+        return ""
+    other = add.input[1 - i]
+    if not index.is_initializer(other):
+        return ""
+    dims = [int(d) for d in index.initializers[other].dims]
+    if not dims or dims[-1] != size or int(np.prod(dims)) != size:
+        return ""
+    return other
+
+
+def _bias_add_input(node: onnx.NodeProto, index: GraphIndex, name: str) -> tuple[onnx.NodeProto, int]:
+    add, _ = index.consumers[node.output[0]][0]
+    return add, list(add.input).index(name)
 
 
 def classifier_nodes(model: onnx.ModelProto, index: GraphIndex) -> set[int]:

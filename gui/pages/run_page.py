@@ -209,6 +209,7 @@ class RunPage(Page):
         try:
             masks, facts = anp_onnx.load_masks(path)
             rep.plan(masks, PruneSpec.count(0))  # checks that they fit this model
+            rep.set_centres(facts.get("centres") or {})  # renormalised layers, as when the masks were learnt
         except anp_onnx.AnpOnnxError as exc:
             self.win.error("Cannot use these masks", str(exc))
             return

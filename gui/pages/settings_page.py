@@ -23,7 +23,7 @@ HELP = {
     "eps": "How hard the neurons are shaken (relative perturbation of their weights) to expose the ones the "
            "backdoor relies on. Larger values find more, but also hurt clean accuracy. Reference: 0.4.",
     "target": "Automatic: first check where clean images go when the neurons are shaken; if most errors land "
-              "in one class (the suspected backdoor target; models with normalisation layers), shake the neurons "
+              "in one class (the suspected backdoor target), shake the neurons "
               "towards that class, and prune until the pull towards it is gone. None: the reference's "
               "untargeted shaking.",
     "targeted_eps": "Perturbation strength when the shaking is aimed at the suspected target. Default 0.2.",
@@ -37,6 +37,10 @@ HELP = {
     "crop_padding": "Padding in pixels for the random crop; automatic is 4 pixels for 32×32 images, scaled "
                     "with the image size.",
     "project_noise": "Keep the perturbation within ±eps after sharpening it (the reference does not).",
+    "renormalise": "For neurons in layers that do not normalise (convolutions whose BatchNorm the exporter "
+                   "folded away, or per-channel scale and shift): treat each as a BatchNorm channel measured "
+                   "on the clean images, so it is shaken as in a BatchNorm network and a pruned neuron outputs "
+                   "its average. Off: scale the weights directly. No effect on BatchNorm layers. Default on.",
     "seed": "Starting point of the random choices. The same seed on the same data gives the same masks.",
     "device": "Where the optimisation runs. A CUDA GPU is much faster on large models.",
 }
@@ -90,6 +94,8 @@ class SettingsPage(Page):
         self.fields["crop_padding"].setSpecialValueText("automatic")
         proj = QCheckBox("Clip the perturbation to ±eps", more)
         self._add("project_noise", proj, form2, "Projection", proj.toggled)
+        renorm = QCheckBox("As BatchNorm (clean statistics)", more)
+        self._add("renormalise", renorm, form2, "Layers without normalisation", renorm.toggled)
         self._spin("seed", 0, 2**31 - 1, form2, "Random seed")
         device = QComboBox(more)
         device.addItem("Automatic", "auto")
