@@ -160,6 +160,104 @@ def explicit_auto_pad(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+#: Ops never folded: their output is not a function of their inputs.
+_RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                         "Bernoulli"})
+#: Largest constant (elements) folding may create: shape arithmetic, not weights.
+_FOLD_LIMIT = 1 << 16
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where nodes computing only from constants (shape arithmetic) are replaced by initializers.
+
+    The torch dynamo exporter without its optimiser writes e.g. a ReduceMean whose axes come from
+    Reshape(Constant, Constant); onnx2torch needs such axes, Reshape/Pad/Slice arguments and the like
+    as constants. Nodes are evaluated one at a time with onnx's reference evaluator, in graph order,
+    when every input is an initializer, a Constant node or an already folded value, and the result
+    is small. Only the conversion copy changes; the written model keeps its nodes.
+    """
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    opset = default_opset(model)
+    initializers = {t.name: t for t in model.graph.initializer}
+    arrays: dict[str, np.ndarray] = {}  # constant values met so far (initializers read when needed)
+    folded: dict[int, list[np.ndarray]] = {}
+
+    def value(name: str) -> Optional[np.ndarray]:
+        if name in arrays:
+            return arrays[name]
+        if name in initializers:
+            arrays[name] = numpy_helper.to_array(initializers[name])
+            return arrays[name]
+        return None
+
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM_OPS or not node.output:
+            continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        inputs = [name for name in node.input if name]
+        if any(name not in arrays and name not in initializers for name in inputs):
+            continue
+        if node.op_type != "Constant" and any(initializers[n].data_location == onnx.TensorProto.EXTERNAL
+                                              for n in inputs if n in initializers and n not in arrays):
+            continue
+        try:
+            feed = {name: value(name) for name in inputs}
+            if any(v is not None and v.size > _FOLD_LIMIT for v in feed.values()):
+                continue
+            results = [np.asarray(r) for r in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
+        except Exception:  # noqa: BLE001 - a node the evaluator cannot run stays as it is
+            continue
+        if any(r.size > _FOLD_LIMIT for r in results):
+            continue
+        arrays.update((name, r) for name, r in zip(node.output, results) if name)
+        if node.op_type != "Constant" and inputs:  # onnx2torch takes Constant nodes as they are
+            folded[i] = results
+    if not folded:
+        return model
+    out = copy.deepcopy(model)
+    keep = [node for i, node in enumerate(out.graph.node) if i not in folded]
+    for i in sorted(folded):
+        for name, result in zip(model.graph.node[i].output, folded[i]):
+            if name:
+                out.graph.initializer.append(numpy_helper.from_array(result, name))
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    _LOGGER.debug("folded %d constant nodes in the conversion copy", len(folded))
+    return out
+
+
+def drop_inert_allowzero(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where ``Reshape(allowzero=1)`` loses the attribute unless its constant shape holds a 0.
+
+    The torch dynamo exporter writes ``allowzero=1`` on every Reshape; onnx2torch refuses it. It only
+    changes what a 0 in the target shape means (an empty dimension instead of "copy the input's"),
+    so without a 0 the node computes the same either way. A computed shape (from the batch size) has
+    no 0 for a non-empty batch; the parity check on real images would show it otherwise.
+    """
+    from .graph import GraphIndex
+
+    index = None
+    out = model
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "Reshape" or not any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        if index is None:
+            index = GraphIndex(model)
+        shape = index.constant(node.input[1]) if len(node.input) > 1 else None
+        if shape is not None and (np.asarray(shape) == 0).any():
+            continue
+        if out is model:
+            out = copy.deepcopy(model)
+        target = out.graph.node[i]
+        for a in list(target.attribute):
+            if a.name == "allowzero":
+                target.attribute.remove(a)
+    return out
+
+
 def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose node names stay unique after onnx2torch's normalisation.
 
@@ -175,7 +273,7 @@ def _unique_node_names(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def convert(model: LoadedModel) -> Converted:
     """Convert ``model.runnable`` with onnx2torch; raise ConversionError naming unsupported ops."""
-    source = explicit_auto_pad(model.runnable)
+    source = drop_inert_allowzero(fold_constants(explicit_auto_pad(model.runnable)))
     if model.input.batch is not None:
         try:
             source = generalize_batch(source, model.input.name, model.input.batch)

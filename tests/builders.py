@@ -138,7 +138,14 @@ class BackdoorNet(nn.Module):
 
 def train_backdoored(path: Path, *, target: int = 0, n: int = 3000, poison: float = 0.1, epochs: int = 4,
                      seed: int = 0, fold_bn: bool = False) -> Path:
-    """Train BackdoorNet on synthetic images with ``poison`` of them triggered and relabelled."""
+    """Train BackdoorNet on synthetic images with ``poison`` of them triggered and relabelled; export it."""
+    net = train_backdoor_net(target=target, n=n, poison=poison, epochs=epochs, seed=seed)
+    return export(net, path, fold_bn=fold_bn)
+
+
+def train_backdoor_net(*, target: int = 0, n: int = 3000, poison: float = 0.1, epochs: int = 4,
+                       seed: int = 0) -> nn.Module:
+    """BackdoorNet trained on synthetic images with ``poison`` of them triggered and relabelled."""
     torch.manual_seed(seed)
     data = synthetic_images(n, seed=seed + 1)
     k = int(poison * n)
@@ -157,7 +164,7 @@ def train_backdoored(path: Path, *, target: int = 0, n: int = 3000, poison: floa
             opt.zero_grad()
             loss.backward()
             opt.step()
-    return export(net, path, fold_bn=fold_bn)
+    return net.eval()
 
 
 def torch_with_plan(rep, plan, x: np.ndarray) -> np.ndarray:
