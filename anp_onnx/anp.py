@@ -237,7 +237,8 @@ def optimize_masks(
             target = probe.suspected_target
             _LOGGER.info("collapse probe: %s", probe.describe())
         else:
-            _LOGGER.info("collapse probe skipped (it needs normalising neurons): untargeted perturbation")
+            _LOGGER.info("collapse probe skipped (it needs normalising or renormalised neurons): "
+                         "untargeted perturbation")
     eps = config.eps if target is None else config.targeted_eps
     x_all = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(device)
     y_all = torch.from_numpy(data.y.astype(np.int64)).to(device)

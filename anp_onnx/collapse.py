@@ -13,11 +13,14 @@ images:
 * :class:`CollapseProbe` says which class took the largest *share* of those errors and whether that
   share is strong enough to name a *suspected target*.
 
-Measured on the six sample models (BatchNorm networks, see benchmarks/): the suspected target is the
-attack's target on all five with BatchNorm layers (error shares 0.48-0.73, next class 0.10-0.25).
-With BatchNorm folded away nothing renormalises the perturbed activations, the errors go to a class
-that is not the target, so the probe is only trusted for models whose neurons normalise (BatchNorm,
-InstanceNorm, LayerNorm); elsewhere anp-onnx falls back to the reference behaviour.
+Measured on the sample models (benchmarks/probe_clean_model.py): the suspected target is the
+attack's target on the three PreAct models with BatchNorm (error shares 0.57-0.76) and on the
+BN-folded one with renormalised neurons (0.62); the I-BAU VGGs are not clear enough to name one, and
+the same PreAct trained without poison names none, BN kept or folded (top shares 0.18-0.19).
+With plain conv neurons nothing renormalises the perturbed activations and the errors go to a class
+that is not the target, so the probe is only trusted when every neuron layer normalises (BatchNorm,
+InstanceNorm, GroupNorm, LayerNorm) or is renormalised (``PerturbedModule.renormalise``); elsewhere
+anp-onnx falls back to the reference behaviour.
 
 The suspected target is used twice (see anp.py and curve.py): ANP's noise step can push towards it
 (targeted perturbation), and after pruning :func:`probe_pull` measures the *backdoor signal*, the

@@ -207,3 +207,39 @@ def test_ir3_model_with_initializers_as_inputs_is_repaired_in_place(tmp_path):
     onnx.checker.check_model(written)
     assert written.ir_version == 3 and len(written.graph.initializer) == len(m.graph.initializer)  # no copies
     assert set(result.export.changed_initializers) <= {t.name for t in m.graph.initializer}
+
+
+def _shape_model(allowzero_shape):
+    """x (N,2,4,5) -> ReduceMean(axes = Concat(Constant, Constant)) -> Reshape(allowzero=1) -> output."""
+    nodes = [
+        helper.make_node("Constant", [], ["a"], value_ints=[2]),
+        helper.make_node("Constant", [], ["b"], value_ints=[3]),
+        helper.make_node("Concat", ["a", "b"], ["axes"], axis=0),
+        helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+        helper.make_node("Reshape", ["m", "shape"], ["y"], allowzero=1),
+    ]
+    shape = onnx.numpy_helper.from_array(np.array(allowzero_shape, np.int64), "shape")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_fold_constants_and_inert_allowzero():
+    from anp_onnx.convert import drop_inert_allowzero, fold_constants
+
+    model = _shape_model([-1, 2])
+    folded = fold_constants(model)
+    assert [n.op_type for n in folded.graph.node] == ["Constant", "Constant", "ReduceMean", "Reshape"]
+    axes = next(t for t in folded.graph.initializer if t.name == "axes")
+    assert onnx.numpy_helper.to_array(axes).tolist() == [2, 3]
+    assert [n.op_type for n in model.graph.node][2] == "Concat"  # the input model is not changed
+    cleaned = drop_inert_allowzero(folded)
+    assert not any(a.name == "allowzero" for n in cleaned.graph.node for a in n.attribute)
+    x = np.random.default_rng(0).random((3, 2, 4, 5), dtype=np.float32)
+    from onnx.reference import ReferenceEvaluator
+
+    expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ReferenceEvaluator(cleaned).run(None, {"x": x})[0], expected, rtol=1e-6)
+    # a literal 0 with allowzero=1 means an empty dimension: kept
+    kept = drop_inert_allowzero(fold_constants(_shape_model([0, -1])))
+    assert any(a.name == "allowzero" and a.i for n in kept.graph.node for a in n.attribute)

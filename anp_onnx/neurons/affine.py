@@ -6,7 +6,10 @@ fold BatchNorm by hand the same way on NCHW tensors (constants of shape ``(C, 1,
 ``(1, C, 1, 1)``). Such a pair is a BatchNorm whose gamma is the Mul's scale and whose beta is the
 Add's bias, so its channels are perturbed exactly like ANP's BatchNorm neurons: with noise channel c
 computes ``x * scale_c * (m_c + d_c) + bias_c * (1 + x_c)``, without noise ``x * scale_c * m_c + bias_c``.
-Pruning sets ``scale_c = 0`` and keeps the bias (the reference's BatchNorm pruning).
+Pruning sets ``scale_c = 0`` and keeps the bias (the reference's BatchNorm pruning). The pair holds
+running statistics already folded in, so by default (``ANPConfig.renormalise``) a Mul+Add is
+renormalised like the conv neurons: perturbed as a BatchNorm channel with clean-data statistics, a
+pruned channel outputting its clean mean (written into the Add's bias). A lone Mul cannot be.
 
 Layers found:
 

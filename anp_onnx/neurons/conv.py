@@ -20,6 +20,13 @@ Layers found (weights must be initializers; other nodes are skipped with a note)
   node and torch module, which is left untouched: a MatMul neuron's mask and weight noise apply,
   the bias noise ``x`` does not (the mask still counts; the bias is kept anyway, see below).
 
+By default these neurons are *renormalised* (see ``PerturbedModule.renormalise`` and
+``ANPConfig.renormalise``): the layer runs unperturbed and the mask and noise act on a BatchNorm
+channel with clean-data statistics placed after it; a pruned channel then outputs its clean mean,
+written into the bias (a Conv/Gemm without one gains a bias initializer; a MatMul's mean goes into
+the following Add's bias, found at discovery as the ``shift`` parameter). What follows describes
+the plain neurons (``renormalise=False``).
+
 Pruning a neuron zeroes its weight row and KEEPS its bias, so a pruned channel outputs the constant
 bias. This carries the reference's BatchNorm pruning over (a pruned BatchNorm channel has gamma = 0 and
 outputs the constant beta: the mask scales gamma, never beta) and matches the mask above, which scales
