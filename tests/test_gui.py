@@ -127,8 +127,12 @@ def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
     qtbot.mouseClick(win.settings_page.reference, Qt.MouseButton.LeftButton)
     assert win.settings_page.config() == anp_onnx.ANPConfig.reference()  # untargeted noise
     assert win.settings_page.fields["target"].currentData() == "none"
+    renorm = win.settings_page.fields["renormalise"]
+    assert renorm.isChecked()
+    qtbot.mouseClick(renorm, Qt.MouseButton.LeftButton)  # a real click on the checkbox
+    assert win.settings_page.config().renormalise is False
     qtbot.mouseClick(win.settings_page.defaults, Qt.MouseButton.LeftButton)
-    assert win.settings_page.config().target == "auto"
+    assert win.settings_page.config().target == "auto" and win.settings_page.config().renormalise
     win.settings_page.set_values(iterations=20, batch_size=16)
     win.go_to("run")
     with qtbot.waitSignal(win.run_page.runFinished, timeout=TIMEOUT) as finished:
