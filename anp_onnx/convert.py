@@ -125,9 +125,11 @@ def explicit_auto_pad(model: onnx.ModelProto) -> onnx.ModelProto:
                and any(a.name == "auto_pad" and a.s not in (b"NOTSET", b"") for a in n.attribute)]
     if not targets:
         return model
+    from .onnx2torch_ext import infer_shapes
+
     out = copy.deepcopy(model)
     try:
-        inferred = onnx.shape_inference.infer_shapes(out)
+        inferred = infer_shapes(out)
     except Exception:  # noqa: BLE001 - without shapes nothing can be made explicit
         return out
     shapes = {v.name: [d.dim_value or None for d in v.type.tensor_type.shape.dim]

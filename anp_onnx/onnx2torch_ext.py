@@ -90,6 +90,11 @@ def _wrap_shape_inference(converter_module: Any) -> None:
     converter_module.safe_shape_inference = inference
 
 
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnx shape inference, with GroupNormalization outputs typed (onnx 1.17 leaves them untyped)."""
+    return _complete_group_norm_shapes(onnx.shape_inference.infer_shapes(model), onnx.shape_inference.infer_shapes)
+
+
 def _complete_group_norm_shapes(model: onnx.ModelProto, infer: Callable) -> onnx.ModelProto:
     """Declare untyped GroupNormalization outputs like their inputs and run ``infer`` again.
 

@@ -502,3 +502,22 @@ def test_functional_groupnorm_wrapped():
     assert torch.equal(pert(x, scale, bias), inner(x, s0, bias))
     with pytest.raises(TypeError):
         get_kind("groupnorm").wrap(torch.nn.ReLU(), layer)
+
+
+def test_same_padded_conv_after_groupnorm_converts(tmp_path):
+    """auto_pad needs the input's size; after a GroupNormalization onnx 1.17 leaves it unknown."""
+    rng = np.random.default_rng(5)
+    inits = [_t(rng, "c1.w", (8, 3, 3, 3)), _t(rng, "c1.b", (8,)),
+             _t(rng, "gn.scale", (4,), 0.3, 1.0), _t(rng, "gn.bias", (4,), 0.3),
+             _t(rng, "c2.w", (8, 8, 3, 3)), _t(rng, "c2.b", (8,))]
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="c1", pads=[1, 1, 1, 1]),
+        helper.make_node("GroupNormalization", ["c1", "gn.scale", "gn.bias"], ["gn"], name="gn",
+                         num_groups=4, epsilon=1e-5),
+        helper.make_node("Conv", ["gn", "c2.w", "c2.b"], ["c2"], name="c2", auto_pad="SAME_UPPER", strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r1"]),
+    ]
+    head, more = _head(rng, "r1", 8)
+    path = _save(nodes + head, inits + more, tmp_path / "m.onnx", 18, 8)
+    rep = Repairer.open(path)
+    assert rep.check_parity(random_images(8)) < 1e-4
