@@ -106,3 +106,17 @@ def test_cuda_path_matches_cpu(rep):
     assert gpu.device == "cuda"
     for name in cpu:
         np.testing.assert_allclose(gpu.masks[name], cpu[name], atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_path_matches_cpu_with_renormalised_neurons(tmp_path):
+    folded = Repairer.open(tiny_model(tmp_path / "folded.onnx", fold_bn=True))
+    data = random_images(48)
+    config = dict(augment=False, target=None, **FAST)
+    cpu = folded.optimize(data, ANPConfig(device="cpu", **config))
+    gpu = folded.optimize(data, ANPConfig(device="cuda", **config))
+    assert set(gpu.centres) == set(cpu.centres) and gpu.centres
+    for name in cpu.masks:
+        np.testing.assert_allclose(gpu.centres[name][0], cpu.centres[name][0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(gpu.masks[name], cpu.masks[name], atol=1e-3)

@@ -93,7 +93,8 @@ class PerturbedModule(nn.Module):
         """The layer's unperturbed output ``z`` (neurons along ``axis``) as a perturbed BatchNorm channel.
 
         For layers that do not normalise (conv/linear output channels, per-channel Mul/Add) once
-        :meth:`set_centres` gave the clean output's per-neuron mean ``M`` and standard deviation ``S``.
+        :meth:`set_centres` gave the clean output's per-neuron mean ``M`` and the spread ``S`` (the
+        layer's, see :meth:`finish_calibration`).
         The neuron behaves as BatchNorm with running statistics ``(M, S)``, gamma ``S`` and beta ``M``
         placed after the layer, which in eval mode is the identity, so the model is unchanged:
 
@@ -111,7 +112,7 @@ class PerturbedModule(nn.Module):
             dims = [d for d in range(z.dim()) if d != axis % z.dim()]
             zt = z.detach().double()
             self._calibration.append(torch.stack([zt.sum(dims), (zt * zt).sum(dims),
-                                                  torch.full_like(zt.sum(dims), z.numel() / z.shape[axis])]))
+                                                  torch.full_like(zt.sum(dims), z.numel() / z.shape[axis])]).cpu())
             return z
         if not self.renormalised:
             return z
