@@ -351,7 +351,7 @@ def calibrate(net: nn.Module, modules, data: ImageSet, device: str = "cpu",
             net(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)).to(device))
     except BaseException:
         for m in chosen:
-            m._calibration = None
+            m.abort_calibration()
         raise
     for m in chosen:
         m.finish_calibration()

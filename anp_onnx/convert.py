@@ -186,7 +186,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     arrays: dict[str, np.ndarray] = {}  # constant values met so far (initializers read when needed)
     folded: dict[int, list[np.ndarray]] = {}
 
-    def value(name: str) -> Optional[np.ndarray]:
+    def value(name: str) -> np.ndarray:
         if name in arrays:
             return arrays[name]
         if name in initializers:
@@ -207,7 +207,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         try:
             feed = {name: value(name) for name in inputs}
-            if any(v is not None and v.size > _FOLD_LIMIT for v in feed.values()):
+            if any(v.size > _FOLD_LIMIT for v in feed.values()):
                 continue
             results = [np.asarray(r) for r in ReferenceEvaluator(node, opsets={"": opset}).run(None, feed)]
         except Exception:  # noqa: BLE001 - a node the evaluator cannot run stays as it is

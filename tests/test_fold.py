@@ -21,7 +21,7 @@ from anp_onnx.convert import torch_logits
 from anp_onnx.data import ImageSet
 from anp_onnx.errors import DataError, OutputError
 from anp_onnx.prune import file_sha256
-from builders import random_images, tiny_model
+from builders import random_images, tiny_model, torch_with_plan
 
 USER_METADATA = [("author", "alice"), ("license", "MIT")]
 
@@ -37,15 +37,6 @@ def _inits(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 def _ort(path: Path, x: np.ndarray) -> np.ndarray:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
-
-
-def _torch_pruned(rep: Repairer, plan, x: np.ndarray) -> np.ndarray:
-    rep.apply_plan(plan)
-    try:
-        rep.net.eval()
-        return torch_logits(rep.net, x)
-    finally:
-        rep.reset_masks()
 
 
 def _masks(rep: Repairer, seed: int = 0) -> dict[str, np.ndarray]:
@@ -190,7 +181,7 @@ def test_written_model_matches_pruned_torch_and_differs_from_original(source: Pa
     assert result.max_abs_diff is not None and 0.0 <= result.max_abs_diff <= 1e-4
 
     got = _ort(out, images.x)
-    want = _torch_pruned(rep, plan, images.x)
+    want = torch_with_plan(rep, plan, images.x)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
     original = _ort(source, images.x)
     assert float(np.max(np.abs(got - original))) > 1e-3
@@ -218,7 +209,7 @@ def test_nhwc_model_export(tmp_path: Path, outdir: Path) -> None:
     images = random_images(8, seed=1)
     rep.export(plan, outdir / "nhwc_r.onnx", verify_images=images)
     got = _ort(outdir / "nhwc_r.onnx", np.ascontiguousarray(images.x.transpose(0, 2, 3, 1)))
-    np.testing.assert_allclose(got, _torch_pruned(rep, plan, images.x), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, torch_with_plan(rep, plan, images.x), atol=1e-4, rtol=0)
     meta = {p.key: p.value for p in onnx.load(str(outdir / "nhwc_r.onnx")).metadata_props}
     assert meta["anp_onnx.layout"] == "NHWC"
 
@@ -301,7 +292,7 @@ def test_shared_initializer_is_copied_for_the_pruned_node(tmp_path: Path, outdir
     np.testing.assert_array_equal(after[:, 1:3], before[:, 1:3])
     np.testing.assert_allclose(after[:, 0], 0.25, atol=1e-6)  # pruned channel outputs beta
     assert float(np.max(np.abs(after[:, 0] - before[:, 0]))) > 0.1
-    np.testing.assert_allclose(after, _torch_pruned(rep, plan, images.x), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(after, torch_with_plan(rep, plan, images.x), atol=1e-4, rtol=0)
 
 
 def test_shared_initializer_export_passes_verification(tmp_path: Path, outdir: Path) -> None:
@@ -332,7 +323,7 @@ def test_shared_initializer_pruned_in_both_nodes(tmp_path: Path, outdir: Path) -
     after = _ort(out, images.x)
     np.testing.assert_allclose(after[:, 0], 0.25, atol=1e-6)
     np.testing.assert_allclose(after[:, 5], 1.0, atol=1e-6)
-    np.testing.assert_allclose(after, _torch_pruned(rep, plan, images.x), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(after, torch_with_plan(rep, plan, images.x), atol=1e-4, rtol=0)
 
 
 def test_shared_external_initializer_copy_goes_external_too(tmp_path: Path, outdir: Path) -> None:
@@ -394,7 +385,7 @@ def test_external_data_source(tmp_path: Path, same_folder: bool) -> None:
         if t.name not in result.changed_initializers:
             np.testing.assert_array_equal(numpy_helper.to_array(t), numpy_helper.to_array(old[t.name]))
     got = _ort(out, images.x)
-    np.testing.assert_allclose(got, _torch_pruned(rep, plan, images.x), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, torch_with_plan(rep, plan, images.x), atol=1e-4, rtol=0)
 
     # overwriting writes a fresh data file (not appended to the old one)
     size = data.stat().st_size

@@ -17,7 +17,7 @@ from anp_onnx import ANPConfig, Repairer, prune
 from anp_onnx.anp import calibrate
 from anp_onnx.collapse import probe_supported
 from anp_onnx.neurons.conv import PerturbedConv
-from anp_onnx.prune import load_masks
+from anp_onnx.prune import PruneSpec, load_masks
 from builders import initializer, ort_on, random_images, tiny_model, torch_with_plan
 from test_affine_neurons import nhwc_model
 from test_conv_neurons import _masks_for, _rng_tensor, _save, mixed_model
@@ -171,28 +171,22 @@ def test_masks_file_carries_centres_to_prune(tmp_path):
     for name, (centre, spread) in result.centres.items():
         np.testing.assert_array_equal(facts["centres"][name][0], centre)
         np.testing.assert_array_equal(facts["centres"][name][1], spread)
-    plan = rep.plan(masks, _count_spec(4))
+    plan = rep.plan(masks, PruneSpec.count(4))
     direct = tmp_path / "direct.onnx"
     rep.export(plan, direct, verify_images=images)
     from_file = tmp_path / "from_file.onnx"
-    prune(path, masks_path, out=from_file, pruning=_count_spec(4), verify_data=images)
+    prune(path, masks_path, out=from_file, pruning=PruneSpec.count(4), verify_data=images)
     a, b = onnx.load(direct), onnx.load(from_file)
     for t in a.graph.initializer:
         assert initializer(b, t.name).tobytes() == initializer(a, t.name).tobytes()
     # a masks file without centres (e.g. the reference's mask_values.txt) prunes the plain way
-    prune(path, masks_path.with_name("m.mask_values.txt"), out=tmp_path / "plain.onnx", pruning=_count_spec(4),
+    prune(path, masks_path.with_name("m.mask_values.txt"), out=tmp_path / "plain.onnx", pruning=PruneSpec.count(4),
           verify_data=images)
     plain = onnx.load(tmp_path / "plain.onnx")
     original = onnx.load(path)
     for layer in rep.layers:
         bias = layer.param("bias")
         assert initializer(plain, bias).tobytes() == initializer(original, bias).tobytes()
-
-
-def _count_spec(k):
-    from anp_onnx.prune import PruneSpec
-
-    return PruneSpec.count(k)
 
 
 def test_renormalise_off_keeps_the_plain_conv_neurons(tmp_path):

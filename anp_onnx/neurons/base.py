@@ -108,8 +108,8 @@ class PerturbedModule(nn.Module):
         ``W' = m W`` and ``bias' = m bias + (1 - m) M``. Without centres (and while calibrating,
         which records ``z``) this returns ``z``.
         """
+        dims = [d for d in range(z.dim()) if d != axis % z.dim()]  # all but the neurons' axis
         if self._calibration is not None:
-            dims = [d for d in range(z.dim()) if d != axis % z.dim()]
             zt = z.detach().double()
             self._calibration.append(torch.stack([zt.sum(dims), (zt * zt).sum(dims),
                                                   torch.full_like(zt.sum(dims), z.numel() / z.shape[axis])]).cpu())
@@ -125,7 +125,6 @@ class PerturbedModule(nn.Module):
         else:
             a, b = self.neuron_mask.to(z.dtype).view(shape), 1.0
         if self.batch_stats:
-            dims = [d for d in range(z.dim()) if d != axis % z.dim()]
             var, mean = torch.var_mean(z, dim=dims, keepdim=True, unbiased=False)
             return a * spread * (z - mean) * torch.rsqrt(var + RENORM_EPS) + b * centre
         return a * (z - centre) + b * centre
@@ -134,6 +133,10 @@ class PerturbedModule(nn.Module):
         """Record the outputs of the following forward passes (unperturbed) for :meth:`finish_calibration`."""
         self.centre = self.spread = None
         self._calibration = []
+
+    def abort_calibration(self) -> None:
+        """Stop recording without setting centres (the calibration pass failed or was interrupted)."""
+        self._calibration = None
 
     def finish_calibration(self) -> None:
         """Set the centres from the recorded outputs: each neuron's mean; the layer's mean spread.

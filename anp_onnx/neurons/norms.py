@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..graph import GraphIndex, InitializerEditor, node_label
+from ..model import default_opset
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import register_kind
 
@@ -211,10 +212,6 @@ class LayerNormKind(_NormKind):
         raise TypeError(f"{layer.name}: expected a torch LayerNorm module, got {type(module).__name__}")
 
 
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((int(imp.version) for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 0)
-
-
 @register_kind
 class GroupNormKind(_NormKind):
     """One neuron per element of the scale of a GroupNormalization node with constant parameters.
@@ -235,7 +232,7 @@ class GroupNormKind(_NormKind):
         groups = next((int(a.i) for a in node.attribute if a.name == "num_groups"), 0)
         if groups <= 0:
             return "GroupNormalization without a valid num_groups skipped"
-        if _default_opset(index.model) < 21:
+        if default_opset(index.model) < 21:
             if scale.size != groups:
                 return (f"GroupNormalization whose scale has {scale.size} elements for {groups} groups "
                         "(opset < 21: one per group) skipped")
