@@ -1,0 +1,96 @@
+"""What the commands print: tables, percentages, progress bars, model facts and the final line."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from .. import EvalResult, ModelInfo, ProgressEvent, PrunePlan
+
+
+class Bar:
+    """tqdm progress bars fed by the library's progress events, one per stage."""
+
+    LABELS = {"optimise": "ANP", "sweep": "pruning curve", "evaluate": "evaluate"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.stage = ""
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if not self.enabled or event.stage not in ("optimise", "sweep"):
+            return
+        if self.bar is None or event.stage != self.stage:
+            from tqdm import tqdm
+
+            self.close()
+            self.stage = event.stage
+            self.bar = tqdm(total=event.total, desc=self.LABELS.get(event.stage, event.stage),
+                            unit="it" if event.stage == "optimise" else "pt", file=sys.stderr, dynamic_ncols=True)
+        self.bar.n = event.step
+        self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in event.metrics.items()},
+                             refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def print_info(info: ModelInfo) -> None:
+    print(f"model      {info.path}")
+    print(f"producer   {info.producer or '-'}  (IR {info.ir_version}, opset {info.opset})")
+    print(f"input      {info.input.describe()}")
+    print(f"classes    {info.num_classes}")
+    print(f"neurons    {info.neurons.total} in {len(info.neurons.layers)} layers")
+    rows = [[layer.name, layer.kind, str(layer.size)] for layer in info.neurons.layers]
+    print(table(rows, ["layer", "kind", "neurons"]))
+    if info.neurons.excluded:
+        print(f"excluded   {', '.join(info.neurons.excluded)}")
+    for note in info.notes:
+        print(f"note       {note}")
+    print(f"parity     max |torch - onnxruntime| = {info.parity:.2e}")
+    if info.probe is not None:
+        print(f"probe      {info.probe.describe()}")
+
+
+def pruned_table(plan: PrunePlan, sizes: Optional[dict[str, int]] = None) -> str:
+    """Neurons pruned per layer (only layers with some), then the total; with ``sizes``, layer sizes too."""
+    if sizes is None:
+        rows = [[name, str(n)] for name, n in plan.per_layer().items() if n] + [["total", str(plan.count)]]
+        return table(rows, ["layer", "pruned"])
+    rows = [[name, str(n), str(sizes[name])] for name, n in plan.per_layer().items() if n]
+    rows.append(["total", str(plan.count), str(plan.total)])
+    return table(rows, ["layer", "pruned", "neurons"])
+
+
+def score_rows(before: Optional[EvalResult], after: Optional[EvalResult], label: str) -> list[list[str]]:
+    """Rows of a before/after table: accuracy and attack success rate, where measured."""
+    if before is None or after is None:
+        return []
+    rows = []
+    if before.accuracy is not None:
+        rows.append([f"{label} accuracy ({before.n_clean} images)", pct(before.accuracy), pct(after.accuracy)])
+    if before.asr is not None:
+        how = "inferred" if before.target_inferred else "given"
+        rows.append([f"attack success rate (target {before.target}, {how})", pct(before.asr), pct(after.asr)])
+    return rows
+
+
+def passed(text: str, *, json_output: bool = False) -> None:
+    """The last line of a command that succeeded; on stderr when stdout carries JSON."""
+    print(f"PASSED: {text}", file=sys.stderr if json_output else sys.stdout)
+
