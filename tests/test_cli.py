@@ -294,7 +294,9 @@ def test_evaluate_text(files: dict[str, Path], capsys: pytest.CaptureFixture[str
     acc = float((_ort_predictions(files["model"], x) == y).mean())
     assert main(["evaluate", str(files["model"]), "--data", str(files["test"])]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines() == [f"clean accuracy        {_pct(acc)}  (40 images)"]
+    assert out.splitlines() == [f"clean accuracy        {_pct(acc)}  (40 images)",
+                                f"PASSED: {files['model']} evaluated in onnxruntime: clean accuracy {_pct(acc)} "
+                                "(40 images)"]
 
 
 def test_evaluate_json(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -318,17 +320,24 @@ def test_evaluate_poisoned_text(files: dict[str, Path], capsys: pytest.CaptureFi
     lines = capsys.readouterr().out.splitlines()
     expected = anp_onnx.evaluate_model(files["model"], poisoned=files["poisoned"])
     assert lines == [f"attack success rate   {_pct(expected.asr)}  ({expected.n_poisoned} triggered images, "
-                     f"target {expected.target} inferred from predictions)"]
+                     f"target {expected.target} inferred from predictions)",
+                     f"PASSED: {files['model']} evaluated in onnxruntime: attack success rate {_pct(expected.asr)} "
+                     f"({expected.n_poisoned} triggered images, target {expected.target})"]
 
 
 # ----------------------------------------------------------------------------- user errors
 
 
-def _assert_one_line_error(capsys: pytest.CaptureFixture[str], rc: int, *, contains: str = "") -> str:
+def _assert_one_line_error(capsys: pytest.CaptureFixture[str], rc: int, *, contains: str = "",
+                           usage: bool = False) -> str:
+    """One error line on stderr, exit code 1; stdout: one FAILED line, or nothing for a usage error."""
     out, err = capsys.readouterr()
     assert rc == 1
     assert "Traceback" not in out + err
-    assert out == ""
+    if usage:  # argparse refused the command line: no command ran
+        assert out == ""
+    else:
+        assert len(out.splitlines()) == 1 and out.startswith("FAILED: "), out
     lines = err.splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("anp-onnx"), err
@@ -438,12 +447,14 @@ def test_repair_folded_model_renormalises_and_prune_reuses_the_centres(files, ba
 
 def test_error_unknown_preprocess(files, bad, capsys) -> None:
     _assert_one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(files["clean"]),
-                                         "--preprocess", "sepia"]), contains="--preprocess")
+                                         "--preprocess", "sepia"]), contains="--preprocess",
+                           usage=True)
 
 
 def test_error_unknown_preprocess_explains_presets(files, bad, capsys) -> None:
     _assert_one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(files["clean"]),
-                                         "--preprocess", "sepia"]), contains="imagenet")
+                                         "--preprocess", "sepia"]), contains="imagenet",
+                           usage=True)
 
 
 def test_error_threshold_out_of_range(files, repaired, bad, capsys) -> None:
@@ -469,7 +480,7 @@ def test_error_threshold_out_of_range(files, repaired, bad, capsys) -> None:
 ])
 def test_error_argparse_usage(files, capsys, argv: list[str], contains: str) -> None:
     argv = [{"MODEL": str(files["model"]), "DATA": str(files["clean"])}.get(a, a) for a in argv]
-    line = _assert_one_line_error(capsys, main(argv), contains=contains)
+    line = _assert_one_line_error(capsys, main(argv), contains=contains, usage=True)
     assert "error" in line
 
 
@@ -478,7 +489,7 @@ def test_error_from_real_console_is_one_line(bad) -> None:
     proc = subprocess.run([sys.executable, "-m", "anp_onnx", "inspect", str(bad["plain"])], capture_output=True,
                           text=True, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 1
-    assert proc.stdout == ""
+    assert proc.stdout == f"FAILED: inspect {bad['plain']}\n"
     assert len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("anp-onnx: error: no neurons to prune") and "BatchNormalization" in proc.stderr
 
@@ -511,3 +522,83 @@ def test_kinds_option(files, capsys) -> None:
     assert main(["inspect", str(files["model"]), "--kinds", "nope"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "invalid choice" in err[0]
+
+
+# ----------------------------------------------------------------------------- the final PASSED / FAILED line
+
+
+def test_every_command_ends_with_a_passed_line(files, repaired, capsys) -> None:
+    assert repaired["stdout"].splitlines()[-1].startswith(f"PASSED: {repaired['out']} verified in onnxruntime")
+    assert main(["inspect", str(files["model"])]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"PASSED: {files['model']} converts; torch matches onnxruntime (max |diff| ")
+    out = files["root"] / "pruned_last.onnx"
+    assert main(["prune", str(files["model"]), "--masks", str(repaired["dir"] / "rep.masks.json"), "--out",
+                 str(out), "--count", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"PASSED: {out} verified in onnxruntime (max |diff| ")
+    assert main(["evaluate", str(files["model"]), "--data", str(files["test"]), "--poisoned",
+                 str(files["poisoned"]), "--target", "1"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(f"PASSED: {files['model']} evaluated in onnxruntime: clean accuracy ")
+    assert "(40 images), attack success rate " in last and last.endswith("(20 triggered images, target 1)")
+
+
+@pytest.mark.parametrize("command, extra, attempted", [
+    ("inspect", [], "inspect {model}"),
+    ("evaluate", ["--data", "{clean}"], "evaluate {model}"),
+    ("repair", ["--data", "{clean}", "--out", "{out}", "--iterations", "2"], "repair {model} -> {out}"),
+    ("prune", ["--masks", "{masks}", "--out", "{out}"], "prune {model} -> {out}"),
+])
+def test_bad_model_path_ends_with_a_failed_line(files, bad, capsys, command, extra, attempted) -> None:
+    names = {"model": str(bad["root"] / "missing.onnx"), "clean": str(files["clean"]),
+             "out": str(bad["root"] / "never_written.onnx"), "masks": str(bad["root"] / "missing.masks.json")}
+    rc = main([command, names["model"]] + [a.format(**names) for a in extra])
+    out, err = capsys.readouterr()
+    assert rc == 1
+    assert "Traceback" not in out + err
+    assert out == f"FAILED: {attempted.format(**names)}\n"
+    assert len(err.splitlines()) == 1 and err.startswith("anp-onnx: error: ") and "missing" in err
+    assert not Path(names["out"]).exists()
+
+
+@pytest.mark.parametrize("argv", [["inspect", "{model}", "--json"],
+                                  ["evaluate", "{model}", "--data", "{test}", "--json"]])
+def test_json_output_stays_pure_json(files, capsys, argv) -> None:
+    assert main([a.format(**files) for a in argv]) == 0
+    out, err = capsys.readouterr()
+    assert isinstance(json.loads(out), dict)
+    assert err.splitlines()[-1].startswith(f"PASSED: {files['model']} ")
+    assert "PASSED" not in out
+
+
+def test_json_error_puts_the_failed_line_on_stderr(bad, capsys) -> None:
+    assert main(["inspect", str(bad["garbage"]), "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines()[0].startswith("anp-onnx: error: ")
+    assert err.splitlines()[1:] == [f"FAILED: inspect {bad['garbage']}"]
+
+
+@pytest.mark.parametrize("exc, rc, message, why", [
+    (KeyboardInterrupt(), 130, "anp-onnx: interrupted; nothing was written", " (interrupted)"),
+    (anp_onnx.errors.Cancelled("stopped"), 1, "anp-onnx: cancelled; nothing was written", " (cancelled)"),
+])
+def test_interrupted_or_cancelled_is_one_line(files, capsys, monkeypatch, exc, rc, message, why) -> None:
+    def stop(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr("anp_onnx.cli.evaluate.evaluate_model", stop)
+    assert main(["evaluate", str(files["model"]), "--data", str(files["test"])]) == rc
+    out, err = capsys.readouterr()
+    assert err == message + "\n"
+    assert out == f"FAILED: evaluate {files['model']}{why}\n"
+
+
+def test_a_bug_keeps_its_traceback_and_still_ends_with_failed(files, capsys, monkeypatch) -> None:
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("anp_onnx.cli.inspect.inspect_model", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["inspect", str(files["model"])])
+    assert capsys.readouterr().out == f"FAILED: inspect {files['model']}\n"

@@ -1,7 +1,9 @@
 """Command line: ``anp-onnx inspect | repair | prune | evaluate``.
 
-:func:`main` takes an argument list and returns the exit code (0 success, 1 error),
+:func:`main` takes an argument list and returns the exit code (0 success, 1 error, 130 interrupted),
 so it is tested directly. Errors caused by the user's input print one line without a traceback.
+Every command ends with one ``PASSED: ...`` or ``FAILED: ...`` line on stdout (on stderr with
+``--json``, so that stdout stays pure JSON); usage errors end with argparse's one line only.
 
 Layout: :mod:`.options` (option groups, the builders of ``ANPConfig``/``PruneSpec``), :mod:`.render`
 (tables, progress bars, the final line) and one module per command, each with ``add_parser`` and
@@ -16,7 +18,7 @@ import sys
 from typing import Optional, Sequence
 
 from .. import AnpOnnxError, __version__
-from . import evaluate, inspect, prune, repair
+from . import evaluate, inspect, prune, render, repair
 from .options import PROG, Cancelled, Parser, _config, _spec
 
 __all__ = ["main", "build_parser", "PROG", "COMMANDS", "_config", "_spec"]
@@ -51,14 +53,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
     _LOGGER.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
     command = COMMANDS[args.command]
+
+    def failed(why: str = "") -> None:
+        render.failed(command.attempted(args) + why, json_output=getattr(args, "json", False))
+
     try:
         return command.run(args)
     except Cancelled:
         print(f"{PROG}: cancelled; nothing was written", file=sys.stderr)
+        failed(" (cancelled)")
         return 1
     except AnpOnnxError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        failed()
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        failed(" (interrupted)")
         return 130
+    except Exception:  # a bug, not the user's input: its traceback follows, stdout still ends with FAILED
+        failed()
+        raise

@@ -24,6 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def attempted(args: argparse.Namespace) -> str:
+    return f"evaluate {args.model}"
+
+
 def run(args: argparse.Namespace) -> int:
     result = evaluate_model(args.model, args.data, poisoned=args.poisoned, target=args.target,
                             preprocessing=args.preprocess, layout=args.layout)
@@ -36,4 +40,5 @@ def run(args: argparse.Namespace) -> int:
             how = "inferred from predictions" if result.target_inferred else "given"
             print(f"attack success rate   {render.pct(result.asr)}  ({result.n_poisoned} triggered images, "
                   f"target {result.target} {how})")
+    render.passed(f"{args.model} evaluated in onnxruntime: {render.scores(result)}", json_output=args.json)
     return 0

@@ -26,6 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def attempted(args: argparse.Namespace) -> str:
+    return f"inspect {args.model}"
+
+
 def run(args: argparse.Namespace) -> int:
     info = inspect_model(args.model, layout=args.layout, data=args.data, preprocessing=args.preprocess,
                          kinds=args.kinds, include=args.layers, exclude=args.exclude_layers,
@@ -38,4 +42,6 @@ def run(args: argparse.Namespace) -> int:
             print("probe      not run: it needs every neuron layer to normalise its input (BatchNorm, "
                   "InstanceNorm, GroupNorm, LayerNorm) or to be renormalised (not with --no-renormalise; "
                   "a lone per-channel Mul and a MatMul without a bias Add cannot be)")
+    parity = "" if info.parity is None else f" (max |diff| {info.parity:.1e})"
+    render.passed(f"{args.model} converts; torch matches onnxruntime{parity}", json_output=args.json)
     return 0

@@ -25,6 +25,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def attempted(args: argparse.Namespace) -> str:
+    return f"prune {args.model} -> {args.out}"
+
+
 def run(args: argparse.Namespace) -> int:
     plan, export = prune_model(args.model, args.masks, out=args.out, pruning=_spec(args), layout=args.layout,
                                preprocessing=args.preprocess, overwrite=args.overwrite, verify_data=args.data,

@@ -90,7 +90,22 @@ def score_rows(before: Optional[EvalResult], after: Optional[EvalResult], label:
     return rows
 
 
+def scores(result: EvalResult) -> str:
+    """The figures of one evaluation in one line, for the PASSED line."""
+    parts = []
+    if result.accuracy is not None:
+        parts.append(f"clean accuracy {pct(result.accuracy)} ({result.n_clean} images)")
+    if result.asr is not None:
+        parts.append(f"attack success rate {pct(result.asr)} ({result.n_poisoned} triggered images, "
+                     f"target {result.target})")
+    return ", ".join(parts) or "nothing measured"
+
+
 def passed(text: str, *, json_output: bool = False) -> None:
     """The last line of a command that succeeded; on stderr when stdout carries JSON."""
     print(f"PASSED: {text}", file=sys.stderr if json_output else sys.stdout)
 
+
+def failed(text: str, *, json_output: bool = False) -> None:
+    """The last line of a command that failed; on stderr when stdout carries JSON."""
+    print(f"FAILED: {text}", file=sys.stderr if json_output else sys.stdout)

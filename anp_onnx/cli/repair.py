@@ -35,6 +35,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def attempted(args: argparse.Namespace) -> str:
+    return f"repair {args.model} -> {args.out}"
+
+
 def run(args: argparse.Namespace) -> int:
     bar = render.Bar(enabled=not args.quiet)
     try:
