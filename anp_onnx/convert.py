@@ -20,16 +20,20 @@ import torch
 from torch import fx, nn
 
 from ._compat import onnx2torch
-from .data import Preprocessing
 from .errors import ConversionError
 from .model import LoadedModel, default_opset
 from .neurons import NeuronLayer, PerturbedModule, get_kind
+from .preprocessing import Preprocessing
+from .runtime import PARITY_ATOL, PARITY_RTOL, max_abs_diff, ort_logits, parity_limit, to_model_input, within_parity
+
+__all__ = [
+    "Converted", "unsupported_ops", "convert", "ClassifierNet", "install_neurons", "torch_logits", "parity",
+    "strip_output_softmax", "generalize_batch", "explicit_auto_pad", "fold_constants", "drop_inert_allowzero",
+    # onnxruntime side, importable from here as before
+    "ort_logits", "to_model_input", "PARITY_ATOL", "PARITY_RTOL",
+]
 
 _LOGGER = logging.getLogger(__name__)
-
-#: Parity tolerance between torch and onnxruntime logits: |diff| <= ATOL + RTOL * max|logit|.
-PARITY_ATOL = 1e-3
-PARITY_RTOL = 1e-3
 
 
 @dataclass
@@ -358,34 +362,9 @@ def install_neurons(converted: Converted, layers: tuple[NeuronLayer, ...]) -> di
     return installed
 
 
-def ort_logits(model: LoadedModel, x: np.ndarray, session=None) -> np.ndarray:
-    """Logits from onnxruntime for already-preprocessed inputs in the model's layout."""
-    session = session or model.session()
-    batch = model.input.batch
-    if batch is None:
-        out = session.run([model.output_name], {model.input.name: x.astype(model.input.dtype)})[0]
-        return out.reshape(out.shape[0], -1)
-    chunks = []
-    for start in range(0, len(x), batch):
-        part = x[start:start + batch]
-        pad = batch - len(part)
-        if pad:
-            part = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)])
-        out = session.run([model.output_name], {model.input.name: part.astype(model.input.dtype)})[0]
-        chunks.append(out.reshape(out.shape[0], -1)[: batch - pad])
-    return np.concatenate(chunks)
-
-
-def to_model_input(model: LoadedModel, images: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
-    """[0,1] NCHW images -> the array the ONNX input takes (preprocessed, in the model's layout)."""
-    x = preprocessing.apply(images.astype(np.float32, copy=False))
-    if model.input.layout == "NHWC":
-        x = x.transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(x, dtype=model.input.dtype)
-
-
 @torch.no_grad()
 def torch_logits(net: nn.Module, images: np.ndarray, device: str = "cpu", batch_size: int = 256) -> np.ndarray:
+    """``net``'s outputs for ``images`` in batches, as float numpy on the CPU."""
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
@@ -409,9 +388,8 @@ def parity(model: LoadedModel, net: nn.Module, images: np.ndarray, preprocessing
         net.train(was_training)
     if got.shape != ref.shape:
         raise ConversionError(f"torch gives logits of shape {got.shape}, onnxruntime {ref.shape}")
-    diff = float(np.max(np.abs(got - ref))) if ref.size else 0.0
-    limit = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(ref)) if ref.size else 0.0)
-    if not np.isfinite(diff) or diff > limit:
+    diff, limit = max_abs_diff(ref, got), parity_limit(ref)
+    if not within_parity(diff, limit):
         raise ConversionError(
             f"the torch conversion disagrees with onnxruntime: max |diff| {diff:.3g} > {limit:.3g}; "
             "the model uses an op onnx2torch converts differently"

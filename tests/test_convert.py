@@ -10,10 +10,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from anp_onnx.convert import ClassifierNet, convert, parity, to_model_input, ort_logits, unsupported_ops
+from anp_onnx.convert import ClassifierNet, convert, parity, unsupported_ops
 from anp_onnx.data import Preprocessing
 from anp_onnx.errors import ConversionError
 from anp_onnx.model import load_model
+from anp_onnx.runtime import ort_logits, to_model_input
 from builders import TinyBNNet, export, random_images, randomize_bn, tiny_model
 
 TOL = 1e-5  # torch vs onnxruntime on these small float32 models
