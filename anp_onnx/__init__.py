@@ -10,24 +10,36 @@ Public API::
     scores = anp_onnx.evaluate_model("repaired.onnx", "test/", poisoned="triggered/")
 
 The library never imports Qt; progress is reported through callbacks (:mod:`anp_onnx.progress`).
+Names are imported from their submodule on first use, so ``import anp_onnx`` (and the torch-free
+submodules: model, data, preprocessing, runtime, evaluate) does not load torch.
 """
+
+from __future__ import annotations
+
+import importlib as _importlib
+import sys as _sys
+import types as _types
+from typing import Any as _Any
 
 __version__ = "0.1.0"
 
-from .anp import ANPConfig, MaskResult  # noqa: E402
-from .api import (  # noqa: E402
-    DEFAULT_HOLDOUT, ExportResult, ModelInfo, RepairResult, Repairer, default_masks_path, evaluate_model,
-    inspect_model, mask_values_path, prune, repair,
-)
-from .collapse import CollapseProbe  # noqa: E402
-from .curve import CurvePoint, PruningCurve  # noqa: E402
-from .data import ImageSet, Preprocessing, load_images  # noqa: E402
-from .errors import AnpOnnxError  # noqa: E402
-from .evaluate import EvalResult  # noqa: E402
-from .model import InputSpec, LoadedModel, load_model  # noqa: E402
-from .progress import CancelToken, ProgressEvent  # noqa: E402
-from .prune import PrunePlan, PruneSpec, load_masks, rank_neurons  # noqa: E402
-from .report import report_paths, write_report  # noqa: E402
+#: Public name -> the submodule it lives in.
+_EXPORTS: dict[str, str] = {
+    "ANPConfig": "anp", "MaskResult": "anp",
+    "DEFAULT_HOLDOUT": "api", "ExportResult": "api", "ModelInfo": "api", "RepairResult": "api", "Repairer": "api",
+    "default_masks_path": "api", "evaluate_model": "api", "inspect_model": "api", "mask_values_path": "api",
+    "prune": "api", "repair": "api",
+    "CollapseProbe": "collapse",
+    "CurvePoint": "curve", "PruningCurve": "curve",
+    "ImageSet": "data", "load_images": "data",
+    "Preprocessing": "preprocessing",
+    "AnpOnnxError": "errors",
+    "EvalResult": "evaluate",
+    "InputSpec": "model", "LoadedModel": "model", "load_model": "model",
+    "CancelToken": "progress", "ProgressEvent": "progress",
+    "PrunePlan": "prune", "PruneSpec": "prune", "load_masks": "prune", "rank_neurons": "prune",
+    "report_paths": "report", "write_report": "report",
+}
 
 __all__ = [
     "__version__", "ANPConfig", "MaskResult", "ExportResult", "ModelInfo", "RepairResult", "Repairer",
@@ -36,3 +48,41 @@ __all__ = [
     "PrunePlan", "PruneSpec", "load_masks", "rank_neurons", "DEFAULT_HOLDOUT", "default_masks_path",
     "mask_values_path", "CurvePoint", "PruningCurve", "report_paths", "write_report", "CollapseProbe",
 ]
+
+
+def __getattr__(name: str) -> _Any:
+    """A public name (imported from its submodule and kept), or a submodule not imported yet."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(_importlib.import_module(f".{module}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return _importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names and whatever is already imported (submodules included)."""
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(_types.ModuleType):
+    """The package module: importing a submodule never replaces a public name of the same name.
+
+    Python binds a submodule to its package's attribute when it is first imported; ``anp_onnx.prune``
+    must stay the function :func:`anp_onnx.api.prune`, not the module :mod:`anp_onnx.prune`, whatever
+    is imported first (as it was when everything was imported eagerly).
+    """
+
+    def __setattr__(self, name: str, value: _Any) -> None:
+        if name in _EXPORTS and isinstance(value, _types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

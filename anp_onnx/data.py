@@ -1,8 +1,9 @@
-"""Image data: loading clean/test sets, preprocessing for the model, and training augmentation.
+"""Image data: loading and saving clean/test sets.
 
 Images are held as :class:`ImageSet` (float32 ``(N, C, H, W)`` in ``[0, 1]`` plus int64 labels).
 What the model wants on top of that (scaling to 0..255, mean/std normalisation) is a
-:class:`Preprocessing`, applied per batch, so the data itself stays model-independent.
+:class:`~anp_onnx.preprocessing.Preprocessing` (re-exported here), applied per batch, so the data
+itself stays model-independent. Training augmentation is in :mod:`anp_onnx.augment`.
 
 :func:`load_images` reads an ImageFolder-style directory (one sub-folder per class) or an ``.npz``
 file. In an ``.npz``, ``x`` (or ``images``) is uint8 ``(N, H, W, C)``, ``(N, H, W)`` or
@@ -21,151 +22,29 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DataError, SettingsError
+from .preprocessing import PRESETS, Preprocessing  # noqa: F401 - re-exported: their old home
 
 _LOGGER = logging.getLogger(__name__)
-_ArrayT = TypeVar("_ArrayT", np.ndarray, torch.Tensor)
 _RESIZE_CHUNK_BYTES = 64 * 1024 * 1024
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _LUMA = (0.299, 0.587, 0.114)
-_PARSE_HINT = "e.g. 'mean=0.5,0.5,0.5;std=0.25,0.25,0.25;scale=1'"
+#: Names that moved to :mod:`anp_onnx.augment` (torch), still importable from here.
+_AUGMENT = ("augment_batch", "default_crop_padding")
 
 
-def _floats(value: Any, what: str) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(float(v) for v in ([value] if isinstance(value, (int, float)) else value))
-    except (TypeError, ValueError):
-        out = ()
-    if not out or not all(math.isfinite(v) for v in out):
-        raise SettingsError(f"preprocessing {what} must be one or more finite numbers, got {value!r}")
-    return out
+def __getattr__(name: str) -> Any:
+    """``augment_batch``/``default_crop_padding`` from :mod:`anp_onnx.augment`, imported on first use."""
+    if name in _AUGMENT:
+        from . import augment
 
-
-def _fmt(values: tuple[float, ...]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How ``[0, 1]`` pixels become model input: ``(x * scale - mean) / std``, per channel.
-
-    ``mean`` and ``std`` are optional, each with one value (used for every channel) or one per
-    channel. ``scale`` is applied first, e.g. 255.0 for models that take 0..255 pixels.
-    """
-
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        mean, std = _floats(self.mean, "mean"), _floats(self.std, "std")
-        scale = _floats(self.scale, "scale")
-        if std is not None and any(v <= 0 for v in std):
-            raise SettingsError(f"preprocessing std values must be > 0, got {_fmt(std)}")
-        if mean and std and len(mean) > 1 and len(std) > 1 and len(mean) != len(std):
-            raise SettingsError(f"preprocessing mean has {len(mean)} values but std has {len(std)}")
-        if scale is None or len(scale) != 1 or scale[0] <= 0:
-            raise SettingsError(f"preprocessing scale must be one number > 0, got {self.scale!r}")
-        object.__setattr__(self, "mean", mean)
-        object.__setattr__(self, "std", std)
-        object.__setattr__(self, "scale", scale[0])
-
-    def apply(self, x: _ArrayT) -> _ArrayT:
-        """Return ``(x * scale - mean) / std`` for a ``(N, C, H, W)`` numpy array or torch tensor.
-
-        The result is a new object of the input's type (tensors keep device and float dtype); ``x``
-        is not modified. :class:`SettingsError` when mean/std have a length other than 1 or C.
-        """
-        channels = x.shape[1] if x.ndim >= 2 else 1
-        for name, vals in (("mean", self.mean), ("std", self.std)):
-            if vals is not None and len(vals) not in (1, channels):
-                raise SettingsError(
-                    f"preprocessing {name} has {len(vals)} values but the images have {channels} channels"
-                )
-        shape = (1, -1) + (1,) * max(x.ndim - 2, 0)
-        if isinstance(x, torch.Tensor):
-            out = x if x.is_floating_point() else x.float()
-            const = lambda v: torch.tensor(v, dtype=out.dtype, device=out.device).reshape(shape)  # noqa: E731
-        else:
-            out = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float32)
-            const = lambda v: np.asarray(v, dtype=out.dtype).reshape(shape)  # noqa: E731
-        if self.scale != 1.0:
-            out = out * self.scale
-        if self.mean is not None:
-            out = out - const(self.mean)
-        if self.std is not None:
-            out = out / const(self.std)
-        if out is x:  # identity preprocessing: still hand back a new object
-            out = x.clone() if isinstance(x, torch.Tensor) else x.copy()
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, inverse of :meth:`from_dict`."""
-        as_list = lambda v: None if v is None else list(v)  # noqa: E731
-        return {"mean": as_list(self.mean), "std": as_list(self.std), "scale": self.scale}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        """Build from :meth:`to_dict` output (missing keys take their defaults)."""
-        if not isinstance(d, dict) or set(d) - {"mean", "std", "scale"}:
-            raise SettingsError(f"preprocessing must be a mapping of mean, std and scale, got {d!r}")
-        return cls(mean=d.get("mean"), std=d.get("std"), scale=d.get("scale", 1.0))
-
-    @classmethod
-    def parse(cls, text: str) -> Preprocessing:
-        """Parse CLI text: a preset name (see :data:`PRESETS`) or ``"mean=...;std=...;scale=..."``."""
-        key = (text or "").strip()
-        if key.lower() in PRESETS:
-            return PRESETS[key.lower()]
-        values: dict[str, Any] = {}
-        problem = "" if key else "empty"
-        for part in filter(None, (p.strip() for p in key.split(";"))):
-            name, sep, raw = (s.strip() for s in part.partition("="))
-            name = name.lower()
-            if not sep or name not in ("mean", "std", "scale") or name in values:
-                problem = f"unknown preset or bad part {part!r}"
-                break
-            try:
-                values[name] = [float(v) for v in raw.split(",")]
-            except ValueError:
-                problem = f"{name} must be comma-separated numbers"
-                break
-        if not problem:
-            try:
-                return cls(**values)
-            except SettingsError as exc:
-                problem = str(exc)
-        hint = f"use a preset ({', '.join(PRESETS)}) or {_PARSE_HINT}"
-        raise SettingsError(f"invalid preprocessing {text!r} ({problem}); {hint}")
-
-    def describe(self) -> str:
-        """Short human text, e.g. ``"imagenet: [0,1] scale, mean (0.485, ...), std (...)"``."""
-        parts = [f"[0,{self.scale:g}] scale"]
-        parts += [f"mean {_fmt(self.mean)}"] if self.mean is not None else []
-        parts += [f"std {_fmt(self.std)}"] if self.std is not None else []
-        parts += ["no mean/std"] if self.mean is None and self.std is None else []
-        name = next((k for k, v in PRESETS.items() if v == self), None)
-        return (f"{name}: " if name else "") + ", ".join(parts)
-
-
-#: Named presets accepted by :meth:`Preprocessing.parse`. ``minus1_1`` has one mean/std value for
-#: every channel, so it fits grayscale models too.
-PRESETS: dict[str, Preprocessing] = {
-    "unit": Preprocessing(),
-    "imagenet": Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    "cifar10": Preprocessing(mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
-    "minus1_1": Preprocessing(mean=(0.5,), std=(0.5,)),
-    "0_255": Preprocessing(scale=255.0),
-}
+        return getattr(augment, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -380,6 +259,9 @@ def _resize(x: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     """Antialiased bilinear resize of float (N, C, H, W) to ``size`` in chunks, clipped to [0, 1]."""
     if size is None or tuple(x.shape[2:]) == tuple(size):
         return x
+    import torch  # only when resizing (torch's antialiased bilinear filter): loading stays torch-free
+    import torch.nn.functional as F
+
     n, c, h, w = x.shape
     chunk = max(1, _RESIZE_CHUNK_BYTES // (4 * c * max(h * w, size[0] * size[1])))
     out = np.empty((n, c, *size), dtype=np.float32)
@@ -494,41 +376,3 @@ def save_npz(images: ImageSet, path: str | os.PathLike[str]) -> None:
             np.savez_compressed(fh, **arrays)
     except OSError as exc:
         raise DataError(f"cannot write {path}: {exc}") from None
-
-
-def augment_batch(
-    x: torch.Tensor, generator: torch.Generator, *, padding: int, flip: bool = True
-) -> torch.Tensor:
-    """Random crop after zero-padding ``padding`` pixels per side, then random horizontal flip.
-
-    Offsets and flips (p=0.5) are drawn per image on the CPU from ``generator``, so a seed gives
-    the same result on any device. ``padding=0`` skips the crop; with ``flip=False`` too, ``x``
-    itself is returned. ``x`` is never modified.
-    """
-    if padding < 0:
-        raise SettingsError(f"crop padding must be >= 0, got {padding}")
-    if padding == 0 and not flip:
-        return x
-    n, c, h, w = x.shape
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu")
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device="cpu")
-    rows = dy[:, None] + torch.arange(h)[None, :]
-    cols = dx[:, None] + torch.arange(w)[None, :]
-    if flip:  # flipping the crop = reading its columns backwards
-        flipped = torch.rand(n, generator=generator, device="cpu") < 0.5
-        cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
-    dev = x.device
-    return padded[
-        torch.arange(n, device=dev)[:, None, None, None],
-        torch.arange(c, device=dev)[None, :, None, None],
-        rows.to(dev)[:, None, :, None],
-        cols.to(dev)[:, None, None, :],
-    ]
-
-
-def default_crop_padding(height: int, width: int) -> int:
-    """Crop padding for :func:`augment_batch`: 4 at 32x32 (ANP's reference), min(h, w)/8 rounded, >= 1."""
-    if height < 1 or width < 1:
-        raise SettingsError(f"image size must be positive, got {height}x{width}")
-    return max(1, int(math.floor(min(height, width) / 8 + 0.5)))

@@ -7,11 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from .convert import ort_logits, to_model_input
 from .data import ImageSet, Preprocessing
 from .errors import DataError
 from .model import LoadedModel
 from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
+from .runtime import ort_logits, to_model_input
 
 
 @dataclass(frozen=True)
@@ -82,5 +82,3 @@ def evaluate(model: LoadedModel, clean: Optional[ImageSet], preprocessing: Prepr
             target, inferred = infer_target(pred), True
         asr, n_poisoned = attack_success_rate(pred, poisoned.y, target)
     return EvalResult(acc, n_clean, asr, n_poisoned, target, inferred)
-
-

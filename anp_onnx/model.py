@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelError, UnsupportedModelError
@@ -289,10 +289,3 @@ def from_proto(
     for note in notes:
         _LOGGER.info(note)
     return LoadedModel(path, proto, run, spec, output_name, k, external, external_files, tuple(notes))
-
-
-def initializer_array(model: onnx.ModelProto, name: str) -> np.ndarray:
-    for t in model.graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    raise KeyError(name)

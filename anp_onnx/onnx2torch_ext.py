@@ -13,13 +13,13 @@ Registered in onnx2torch's own registry (``add_converter``), not a fork. Four gr
   type, so every value after it would lack the shape that several onnx2torch converters read
   (GlobalAveragePool, pools, norms): onnx2torch's shape inference step is wrapped so that it declares
   each GroupNormalization output like its input (same type and shape, as the spec says) and infers
-  again (:func:`_complete_group_norm_shapes`); models without GroupNormalization are untouched.
+  again (:func:`anp_onnx.shapes.complete_group_norm_shapes`); models without GroupNormalization
+  are untouched.
 """
 
 from __future__ import annotations
 
 import importlib
-from itertools import chain
 from typing import Any, Callable, Optional
 
 import onnx
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConversionError
+from .shapes import complete_group_norm_shapes, infer_shapes  # noqa: F401 - infer_shapes: its old home
 
 _TYPES_ONLY = {
     "Cast": (19, 21), "Constant": (19, 21), "ConstantOfShape": (20, 21), "Equal": (19,), "Flatten": (21,),
@@ -84,41 +85,10 @@ def _wrap_shape_inference(converter_module: Any) -> None:
         return
 
     def inference(onnx_model_or_path, **kwargs):
-        return _complete_group_norm_shapes(original(onnx_model_or_path, **kwargs), original)
+        return complete_group_norm_shapes(original(onnx_model_or_path, **kwargs), original)
 
     inference.completes_group_norm = True  # type: ignore[attr-defined]
     converter_module.safe_shape_inference = inference
-
-
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx shape inference, with GroupNormalization outputs typed (onnx 1.17 leaves them untyped)."""
-    return _complete_group_norm_shapes(onnx.shape_inference.infer_shapes(model), onnx.shape_inference.infer_shapes)
-
-
-def _complete_group_norm_shapes(model: onnx.ModelProto, infer: Callable) -> onnx.ModelProto:
-    """Declare untyped GroupNormalization outputs like their inputs and run ``infer`` again.
-
-    Repeated while it types more (a GroupNormalization after another one has a typed input only
-    after the first round); nodes whose input is untyped too are left as they are.
-    """
-    nodes = [n for n in model.graph.node
-             if n.op_type == "GroupNormalization" and n.domain in ("", "ai.onnx") and n.output and n.output[0]]
-    for _ in range(len(nodes)):
-        graph = model.graph
-        typed = {v.name: v for v in chain(graph.input, graph.value_info, graph.output)
-                 if v.type.HasField("tensor_type")}
-        added = False
-        for node in nodes:
-            if node.output[0] in typed or node.input[0] not in typed:
-                continue
-            info = graph.value_info.add()
-            info.CopyFrom(typed[node.input[0]])
-            info.name = node.output[0]
-            added = True
-        if not added:
-            break
-        model = infer(model)
-    return model
 
 
 def _guarded(add, latest, op: str, versions: tuple[int, ...], problem: Callable[[Any], str | None]) -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from anp_onnx.convert import ClassifierNet, convert, parity, to_model_input, ort_logits, unsupported_ops
+from anp_onnx.convert import ClassifierNet, convert, parity, unsupported_ops
 from anp_onnx.data import Preprocessing
 from anp_onnx.errors import ConversionError
 from anp_onnx.model import load_model
+from anp_onnx.runtime import ort_logits, to_model_input
 from builders import TinyBNNet, export, random_images, randomize_bn, tiny_model
 
 TOL = 1e-5  # torch vs onnxruntime on these small float32 models
@@ -224,16 +225,16 @@ def _shape_model(allowzero_shape):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def test_fold_constants_and_inert_allowzero():
-    from anp_onnx.convert import drop_inert_allowzero, fold_constants
+def test_precomputed_constants_and_inert_allowzero():
+    from anp_onnx.passes import drop_inert_allowzero, precompute_constants
 
     model = _shape_model([-1, 2])
-    folded = fold_constants(model)
+    folded, _ = precompute_constants(model)
     assert [n.op_type for n in folded.graph.node] == ["Constant", "Constant", "ReduceMean", "Reshape"]
     axes = next(t for t in folded.graph.initializer if t.name == "axes")
     assert onnx.numpy_helper.to_array(axes).tolist() == [2, 3]
     assert [n.op_type for n in model.graph.node][2] == "Concat"  # the input model is not changed
-    cleaned = drop_inert_allowzero(folded)
+    cleaned, _ = drop_inert_allowzero(folded)
     assert not any(a.name == "allowzero" for n in cleaned.graph.node for a in n.attribute)
     x = np.random.default_rng(0).random((3, 2, 4, 5), dtype=np.float32)
     from onnx.reference import ReferenceEvaluator
@@ -241,5 +242,5 @@ def test_fold_constants_and_inert_allowzero():
     expected = ReferenceEvaluator(model).run(None, {"x": x})[0]
     np.testing.assert_allclose(ReferenceEvaluator(cleaned).run(None, {"x": x})[0], expected, rtol=1e-6)
     # a literal 0 with allowzero=1 means an empty dimension: kept
-    kept = drop_inert_allowzero(fold_constants(_shape_model([0, -1])))
+    kept, _ = drop_inert_allowzero(precompute_constants(_shape_model([0, -1]))[0])
     assert any(a.name == "allowzero" and a.i for n in kept.graph.node for a in n.attribute)

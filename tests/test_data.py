@@ -10,12 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from anp_onnx.augment import augment_batch, default_crop_padding
 from anp_onnx.data import (
     PRESETS,
     ImageSet,
     Preprocessing,
-    augment_batch,
-    default_crop_padding,
     load_images,
     save_image_folder,
     save_npz,

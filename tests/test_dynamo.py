@@ -53,7 +53,7 @@ def test_dynamo_models_convert_repair_and_keep_their_opset(tmp_path, name, kinds
     np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
-def test_unoptimized_export_needs_constant_folding_and_allowzero():
+def test_unoptimized_export_needs_precomputed_constants_and_allowzero():
     """What the conversion copy has to deal with in the unoptimised export (checked on the file)."""
     model = onnx.load(str(FILES["unoptimized"]))
     producers = {o: n for n in model.graph.node for o in n.output}
