@@ -1,4 +1,4 @@
-"""Per-channel Mul (+ Add) neurons: discovery, the perturbed module's arithmetic, folding."""
+"""Per-channel Mul (+ Add) neurons: discovery, the perturbed module's arithmetic, write-back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Conv/linear output channels as neurons: discovery, the perturbed layers' arithmetic, folding."""
+"""Conv/linear output channels as neurons: discovery, the perturbed layers' arithmetic, write-back."""
 
 from __future__ import annotations
 
@@ -247,7 +247,7 @@ def test_repairer_on_folded_model_export(tmp_path):
     np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
-def test_mixed_ops_fold_matches_torch(tmp_path):
+def test_mixed_ops_write_back_matches_torch(tmp_path):
     path = mixed_model(tmp_path / "m.onnx")
     rep = Repairer.open(path)
     images = random_images(16, size=6)

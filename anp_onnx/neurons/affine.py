@@ -25,7 +25,7 @@ Layers found:
   noise only (there is no bias to perturb).
 
 Skipped: a Mul by a single value (a global scale, e.g. attention scaling), by a non-constant (an SE
-block's gate), by a constant that is not per channel; a scale held by a ``Constant`` node (the fold
+block's gate), by a constant that is not per channel; a scale held by a ``Constant`` node (the write-back
 edits initializers only; tf2onnx writes initializers); the input normalisation of a model (a Mul reached
 from the graph input without a Conv/Gemm/MatMul in between: its channels are colour channels) and a Mul
 after the classifier (its channels are the classes).
@@ -177,8 +177,8 @@ class AffineKind(NeuronKind):
             raise TypeError(f"{layer.name}: legacy broadcast is not supported")
         return PerturbedAffine(layer.size, with_bias=layer.op_type == "Mul+Add")
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         pruned = np.asarray(pruned, dtype=np.int64)
         add = node = self.node_of(layer, editor)
         if centre is not None and layer.op_type == "Mul+Add":  # a renormalised channel outputs its clean mean

@@ -3,7 +3,7 @@
 A *neuron layer* is one ONNX node whose output channels are ANP neurons (a BatchNormalization node
 and its C channels, for example). A *kind* knows three things: how to find its layers in an ONNX
 graph, how to make the converted torch module perturbable (mask and noise per neuron, as in
-ANP_SPEC.md), and how to fold a pruning decision back into the ONNX initializers.
+ANP_SPEC.md), and how to write a pruning decision back into the ONNX initializers (``write_back``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class NeuronLayer:
 
     ``name`` is unique within the model and used as the key of masks; ``output`` is the node's first
     output value name (unique in a valid graph), which links the layer to its torch module;
-    ``params`` names the initializers a fold may change, by role (for BatchNormalization: scale, bias).
+    ``params`` names the initializers the write-back may change, by role (for BatchNormalization: scale, bias).
     """
 
     name: str
@@ -60,7 +60,7 @@ class PerturbedModule(nn.Module):
     """
 
     normalises: ClassVar[bool] = False
-    #: Whether the fold can write a pruned neuron's clean mean (see :meth:`renormalise`); set by wrap().
+    #: Whether the write-back can write a pruned neuron's clean mean (see :meth:`renormalise`); set by wrap().
     centreable: bool = False
 
     def __init__(self, size: int) -> None:
@@ -104,7 +104,7 @@ class PerturbedModule(nn.Module):
 
         with ``a = m + d`` and ``b = 1 + x`` under noise, ``a = m`` and ``b = 1`` without. A pruned
         neuron (m = 0) outputs its clean mean ``M``, as a pruned BatchNorm channel outputs beta, which
-        is what BatchNorm folded into the layer leaves otherwise unrecoverable. Folding writes
+        is what BatchNorm folded into the layer leaves otherwise unrecoverable. The write-back writes
         ``W' = m W`` and ``bias' = m bias + (1 - m) M``. Without centres (and while calibrating,
         which records ``z``) this returns ``z``.
         """
@@ -217,8 +217,8 @@ class NeuronKind(ABC):
         return node
 
     @abstractmethod
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         """Write the pruning of neurons ``pruned`` (indices) into the ONNX initializers.
 
         ``centre`` (one value per neuron) is given for renormalised neurons (see

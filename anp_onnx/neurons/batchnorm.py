@@ -73,8 +73,8 @@ class BatchNormKind(NeuronKind):
             raise TypeError(f"{layer.name}: expected a torch BatchNorm module, got {type(module).__name__}")
         return PerturbedBatchNorm(module)
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         scale[pruned] = 0  # the reference keeps beta: a pruned channel outputs the constant beta

@@ -33,7 +33,7 @@ outputs the constant beta: the mask scales gamma, never beta) and matches the ma
 the weight only. It is the same operation, not the same constant, as on the unfolded model: folding
 gives weight' = W * gamma / std and bias' = beta + gamma * (b - mean) / std, so a pruned folded channel
 outputs bias' (the BN output for a zero conv response), while gamma = 0 before folding outputs beta
-(the channel's mean output). The torch model mirrors the fold exactly: a mask of 0 scales the weight
+(the channel's mean output). The torch model mirrors the write-back exactly: a mask of 0 scales the weight
 row to 0 and leaves the bias, so the masks learnt are the masks of the function that is written.
 
 The last classifier layer is excluded: a Conv/ConvTranspose/Gemm/MatMul from which a graph output is
@@ -251,8 +251,8 @@ class ConvKind(NeuronKind):
                             f"the ONNX node {layer.size}")
         return wrapped
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         weight = editor.read(node, 1).copy()
         pruned = np.asarray(pruned, dtype=np.int64)

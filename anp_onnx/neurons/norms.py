@@ -158,8 +158,8 @@ class _NormKind(NeuronKind):
             ))
         return layers, notes
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         flat = scale.reshape(-1)  # a view of the copy: C order, as the masks
