@@ -13,7 +13,8 @@ from anp_onnx import ANPConfig, Repairer
 from anp_onnx.errors import UnsupportedModelError
 from anp_onnx.model import load_model
 from anp_onnx.neurons import find_neurons
-from anp_onnx.neurons.conv import PerturbedConv, PerturbedLinear, PerturbedMatMul
+from anp_onnx.neurons.conv import PerturbedConv
+from anp_onnx.neurons.linear import PerturbedLinear, PerturbedMatMul
 from anp_onnx.prune import PruneSpec
 from builders import (
     add_trigger, initializer, ort_on, random_images, synthetic_images, tiny_model, torch_with_plan, train_backdoored,

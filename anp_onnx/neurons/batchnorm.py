@@ -47,11 +47,12 @@ class BatchNormKind(NeuronKind):
 
     name = "batchnorm"
     description = "BatchNormalization channels (mask and noise on gamma, noise on beta)"
+    ops = ("BatchNormalization",)
 
     def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
         layers, notes = [], []
         for node in model.graph.node:
-            if node.op_type != "BatchNormalization":
+            if node.op_type not in self.ops:
                 continue
             params = list(node.input[1:5])
             if len(params) < 4 or not all(index.is_initializer(p) for p in params):
