@@ -46,7 +46,7 @@ def fold_plan(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: Prune
     for layer in layers:
         idx = np.asarray(plan.pruned.get(layer.name, ()), dtype=np.int64)
         if idx.size:
-            get_kind(layer.kind).fold(layer, idx, editor, centres.get(layer.name))
+            get_kind(layer.kind).write_back(layer, idx, editor, centres.get(layer.name))
     set_metadata(out, metadata or {})
     return out, editor
 

@@ -89,7 +89,9 @@ class GraphIndex:
         return None
 
 
-#: Ops whose output channels are the fallback neurons and that end a classifier.
+#: Ops with learnt weights: the ops of the conv kind (anp_onnx.neurons.conv), whose output channels are
+#: the fallback neurons; a classifier ends in one; after one a tensor's channels are learnt features
+#: (not the input's colour channels), and before the last one the classes are not yet formed.
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 

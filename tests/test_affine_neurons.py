@@ -1,4 +1,4 @@
-"""Per-channel Mul (+ Add) neurons: discovery, the perturbed module's arithmetic, folding."""
+"""Per-channel Mul (+ Add) neurons: discovery, the perturbed module's arithmetic, write-back."""
 
 from __future__ import annotations
 
@@ -97,6 +97,17 @@ def test_nchw_mul_add(tmp_path):
     assert [(layer.name, layer.size) for layer in found.layers] == [("mul", C)]
     assert found.kinds[:1] == ("batchnorm",) and "affine" in found.kinds and "conv" not in found.kinds
     _check_prune_two(tmp_path, path, random_images(16, size=8))
+
+
+def test_mul_add_normalises_the_mul_input(tmp_path):
+    """What the conv kind's find_beside reads: a Mul+Add normalises the Add's and the Mul's inputs."""
+    from anp_onnx.graph import GraphIndex
+    from anp_onnx.neurons import get_kind
+
+    model = onnx.load(nchw_model(tmp_path / "m.onnx"))
+    layer = find_neurons(model).layers[0]
+    assert get_kind("affine").normalised_inputs(layer, GraphIndex(model)) == {"c", "s", "m", "b"}
+    assert get_kind("conv").find_beside(model, GraphIndex(model), [layer])[0] == []  # the conv feeds the Mul
 
 
 def test_nchw_4d_constant(tmp_path):

@@ -1,4 +1,4 @@
-"""Conv/linear output channels as neurons: discovery, the perturbed layers' arithmetic, folding."""
+"""Conv/linear output channels as neurons: discovery, the perturbed layers' arithmetic, write-back."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from anp_onnx import ANPConfig, Repairer
 from anp_onnx.errors import UnsupportedModelError
 from anp_onnx.model import load_model
 from anp_onnx.neurons import find_neurons
-from anp_onnx.neurons.conv import PerturbedConv, PerturbedLinear, PerturbedMatMul
+from anp_onnx.neurons.conv import PerturbedConv
+from anp_onnx.neurons.linear import PerturbedLinear, PerturbedMatMul
 from anp_onnx.prune import PruneSpec
 from builders import (
     add_trigger, initializer, ort_on, random_images, synthetic_images, tiny_model, torch_with_plan, train_backdoored,
@@ -247,7 +248,7 @@ def test_repairer_on_folded_model_export(tmp_path):
     np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
-def test_mixed_ops_fold_matches_torch(tmp_path):
+def test_mixed_ops_write_back_matches_torch(tmp_path):
     path = mixed_model(tmp_path / "m.onnx")
     rep = Repairer.open(path)
     images = random_images(16, size=6)

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from anp_onnx.neurons import all_kinds, find_neurons, register_kind
+from anp_onnx.neurons import FALLBACK_KINDS, NeuronLayer, all_kinds, find_neurons, kind_for_op, register_kind
+from anp_onnx.neurons import registry
+from anp_onnx.neurons.base import FALLBACK
 from anp_onnx.neurons.batchnorm import BatchNormKind, PerturbedBatchNorm
 from builders import tiny_model
 
@@ -115,3 +117,57 @@ def test_duplicate_node_names_get_unique_layer_names(tmp_path):
     names = [layer.name for layer in find_neurons(model).layers]
     assert names == ["bn", "bn#1"]
     assert np.unique(names).size == 2
+
+
+def test_kinds_keyed_by_op():
+    assert kind_for_op("BatchNormalization").name == "batchnorm" and kind_for_op("Mul").name == "affine"
+    assert {kind_for_op(op).name for op in ("Conv", "ConvTranspose", "Gemm", "MatMul")} == {"conv"}
+    assert kind_for_op("GroupNormalization").name == "groupnorm"
+    with pytest.raises(KeyError, match="no neuron kind handles"):
+        kind_for_op("Relu")
+
+
+def test_registering_a_taken_op_or_no_op_fails():
+    class OtherBatchNorm(BatchNormKind):
+        name = "other-batchnorm"
+
+    with pytest.raises(ValueError, match="'BatchNormalization'.*'batchnorm'"):
+        register_kind(OtherBatchNorm)
+
+    class NoOps(BatchNormKind):
+        name = "no-ops"
+        ops = ()
+
+    with pytest.raises(ValueError, match="declares no ONNX ops"):
+        register_kind(NoOps)
+    assert "other-batchnorm" not in all_kinds() and "no-ops" not in all_kinds()
+    assert kind_for_op("BatchNormalization").name == "batchnorm"
+
+
+def test_search_order_is_by_priority():
+    """Normalisation kinds (in order of registration) before the conv/linear fallback."""
+    assert list(all_kinds()) == ["batchnorm", "instancenorm", "layernorm", "groupnorm", "affine", "conv"]
+    assert FALLBACK_KINDS == ("conv",) and all_kinds()["conv"].priority >= FALLBACK
+    assert [name for name, kind in all_kinds().items() if kind.fallback] == ["conv"]
+
+
+def test_a_new_kind_is_found_by_its_op(tmp_path, monkeypatch):
+    """A kind registered for another op takes part in the default search, before the fallback."""
+    monkeypatch.setattr(registry, "_KINDS", dict(registry._KINDS))
+    monkeypatch.setattr(registry, "_BY_OP", dict(registry._BY_OP))
+
+    @register_kind
+    class ReluKind(BatchNormKind):
+        name = "relu-test"
+        ops = ("Relu",)
+
+        def find(self, model, index):
+            return [NeuronLayer(node.name or node.output[0], self.name, node.op_type, node.name, node.output[0], 1, ())
+                    for node in model.graph.node if node.op_type in self.ops], ["relu note"]
+
+    model = onnx.load(tiny_model(tmp_path / "m.onnx", fold_bn=True))
+    found = find_neurons(model)
+    assert kind_for_op("Relu").name == "relu-test" and found.kinds[-1] == "relu-test"
+    relus = sum(node.op_type == "Relu" for node in model.graph.node)
+    assert found.by_kind()["relu-test"] == (relus, relus) and "relu note" in found.notes
+    assert "no normalisation neurons: using conv/linear output channels" not in found.notes  # not a fallback

@@ -1,4 +1,4 @@
-"""Instance-, Layer- and GroupNormalization neurons: discovery, arithmetic, conversion, folding, ANP."""
+"""Instance-, Layer- and GroupNormalization neurons: discovery, arithmetic, conversion, write-back, ANP."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Renormalised neurons: layers that do not normalise, perturbed as BatchNorm channels after the layer.
 
 Covers the arithmetic (identity on clean data, the BatchNorm formulas), the calibration statistics,
-folding a pruned neuron's clean mean into the original initializers (bias written, bias added, a
+writing a pruned neuron's clean mean back into the original initializers (bias written, bias added, a
 MatMul's Add, a Mul+Add) checked in onnxruntime, the masks file round trip and the switch.
 """
 
@@ -73,7 +73,7 @@ def test_renormalised_formulas():
     assert not m.renormalised
 
 
-def test_mixed_ops_renormalised_fold_matches_onnxruntime(tmp_path):
+def test_mixed_ops_renormalised_write_back_matches_onnxruntime(tmp_path):
     path = mixed_model(tmp_path / "m.onnx")
     rep = Repairer.open(path)
     images = random_images(48, size=6)
@@ -126,7 +126,7 @@ def test_conv_without_bias_gets_one(tmp_path):
     np.testing.assert_allclose(torch_with_plan(rep, plan, images.x), ort_on(out, images.x), atol=1e-4)
 
 
-def test_mul_add_renormalised_fold(tmp_path):
+def test_mul_add_renormalised_write_back(tmp_path):
     path = nhwc_model(tmp_path / "m.onnx")
     rep = Repairer.open(path)
     images = random_images(32, size=8)

@@ -25,7 +25,7 @@ Layers found:
   noise only (there is no bias to perturb).
 
 Skipped: a Mul by a single value (a global scale, e.g. attention scaling), by a non-constant (an SE
-block's gate), by a constant that is not per channel; a scale held by a ``Constant`` node (the fold
+block's gate), by a constant that is not per channel; a scale held by a ``Constant`` node (the write-back
 edits initializers only; tf2onnx writes initializers); the input normalisation of a model (a Mul reached
 from the graph input without a Conv/Gemm/MatMul in between: its channels are colour channels) and a Mul
 after the classifier (its channels are the classes).
@@ -43,9 +43,6 @@ from torch import nn
 from ..graph import LINEAR_OPS, GraphIndex, InitializerEditor, node_label
 from .base import NeuronKind, NeuronLayer, PerturbedModule
 from .registry import register_kind
-
-#: Ops after which a tensor's channels are learnt features (not the input's colour channels), and
-#: before which the classes are not yet formed.
 
 
 def _channel_slot(shape: tuple[int, ...], size: int) -> Optional[int]:
@@ -115,6 +112,7 @@ class AffineKind(NeuronKind):
     name = "affine"
     description = ("per-channel Mul (+ Add) after a Conv: BatchNorm decomposed by exporters (tf2onnx/Keras) "
                    "or folded by hand")
+    ops = ("Mul",)  # with the Add that alone reads it, when there is one
 
     def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
         layers: list[NeuronLayer] = []
@@ -123,7 +121,7 @@ class AffineKind(NeuronKind):
         raw = _input_side_values(model, index)
         tail = _after_classifier(model, index)
         for node in model.graph.node:
-            if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            if node.op_type not in self.ops or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
                 continue
             label = node_label(node)
             consts = [index.constant(name) for name in node.input]
@@ -177,8 +175,19 @@ class AffineKind(NeuronKind):
             raise TypeError(f"{layer.name}: legacy broadcast is not supported")
         return PerturbedAffine(layer.size, with_bias=layer.op_type == "Mul+Add")
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def normalised_inputs(self, layer: NeuronLayer, index: GraphIndex) -> set[str]:
+        """The inputs of the node computing ``layer``; of a Mul+Add also the Mul's (the output is the Add's)."""
+        values = super().normalised_inputs(layer, index)
+        node = index.producer.get(layer.output)
+        if node is not None and layer.op_type == "Mul+Add":
+            for v in node.input:
+                mul = index.producer.get(v)
+                if mul is not None and mul.op_type == "Mul":
+                    values.update(mul.input)
+        return values
+
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         pruned = np.asarray(pruned, dtype=np.int64)
         add = node = self.node_of(layer, editor)
         if centre is not None and layer.op_type == "Mul+Add":  # a renormalised channel outputs its clean mean

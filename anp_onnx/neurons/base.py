@@ -1,16 +1,18 @@
 """What a neuron is, and the interface every neuron kind implements.
 
 A *neuron layer* is one ONNX node whose output channels are ANP neurons (a BatchNormalization node
-and its C channels, for example). A *kind* knows three things: how to find its layers in an ONNX
-graph, how to make the converted torch module perturbable (mask and noise per neuron, as in
-ANP_SPEC.md), and how to fold a pruning decision back into the ONNX initializers.
+and its C channels, for example). A *kind* handles some ONNX op types (``ops``) and knows three
+things: how to find its layers in an ONNX graph, how to make the converted torch module perturbable
+(mask and noise per neuron, as in ANP_SPEC.md), and how to write a pruning decision back into the
+ONNX initializers (:meth:`NeuronKind.write_back`). Its ``priority`` orders the default search:
+normalisation kinds first, the conv/linear fallback last (see :func:`anp_onnx.neurons.find_neurons`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -22,6 +24,13 @@ from ..graph import GraphIndex, InitializerEditor
 #: Variance epsilon of renormalised neurons in batch-statistics mode (BatchNorm's default).
 RENORM_EPS = 1e-5
 
+#: Priority of the normalisation kinds (BatchNorm, Instance/Layer/GroupNorm, per-channel Mul+Add):
+#: their neurons are, or stand for, BatchNorm channels, the reference neuron; searched first.
+NORMALISATION = 0
+#: Priority from which a kind is a fallback: the default search uses it only when no normalisation
+#: kind finds a layer (conv/linear output channels, for models without normalisation layers).
+FALLBACK = 100
+
 
 @dataclass(frozen=True)
 class NeuronLayer:
@@ -29,7 +38,7 @@ class NeuronLayer:
 
     ``name`` is unique within the model and used as the key of masks; ``output`` is the node's first
     output value name (unique in a valid graph), which links the layer to its torch module;
-    ``params`` names the initializers a fold may change, by role (for BatchNormalization: scale, bias).
+    ``params`` names the initializers the write-back may change, by role (for BatchNormalization: scale, bias).
     """
 
     name: str
@@ -60,7 +69,7 @@ class PerturbedModule(nn.Module):
     """
 
     normalises: ClassVar[bool] = False
-    #: Whether the fold can write a pruned neuron's clean mean (see :meth:`renormalise`); set by wrap().
+    #: Whether the write-back can write a pruned neuron's clean mean (see :meth:`renormalise`); set by wrap().
     centreable: bool = False
 
     def __init__(self, size: int) -> None:
@@ -104,7 +113,7 @@ class PerturbedModule(nn.Module):
 
         with ``a = m + d`` and ``b = 1 + x`` under noise, ``a = m`` and ``b = 1`` without. A pruned
         neuron (m = 0) outputs its clean mean ``M``, as a pruned BatchNorm channel outputs beta, which
-        is what BatchNorm folded into the layer leaves otherwise unrecoverable. Folding writes
+        is what BatchNorm folded into the layer leaves otherwise unrecoverable. The write-back writes
         ``W' = m W`` and ``bias' = m bias + (1 - m) M``. Without centres (and while calibrating,
         which records ``z``) this returns ``z``.
         """
@@ -195,14 +204,45 @@ class PerturbedModule(nn.Module):
 
 
 class NeuronKind(ABC):
-    """A family of neuron layers (BatchNorm channels, conv output channels, ...)."""
+    """A family of neuron layers (BatchNorm channels, conv output channels, ...).
+
+    ``name`` is what masks files, layers and ``--kinds`` say; ``ops`` the ONNX op types whose nodes
+    the kind turns into layers (one kind per op, see :func:`~anp_onnx.neurons.register_kind`);
+    ``priority`` the search order (:data:`NORMALISATION` first; :data:`FALLBACK` and above only when
+    no normalisation kind finds a layer).
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
+    ops: ClassVar[tuple[str, ...]]
+    priority: ClassVar[int] = NORMALISATION
+
+    @property
+    def fallback(self) -> bool:
+        """Whether the default search uses this kind only when no normalisation kind finds a layer."""
+        return self.priority >= FALLBACK
 
     @abstractmethod
     def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
         """Layers of this kind in ``model``, and plain-words notes on matching nodes it must skip."""
+
+    def find_beside(self, model: onnx.ModelProto, index: GraphIndex,
+                    normalising: Sequence[NeuronLayer]) -> tuple[list[NeuronLayer], list[str]]:
+        """Layers of this fallback kind that the default search adds to the normalisation layers found.
+
+        ``normalising`` are the layers the normalisation kinds found; returns layers and notes. None by
+        default: the fallback is not used beside them.
+        """
+        return [], []
+
+    def normalised_inputs(self, layer: NeuronLayer, index: GraphIndex) -> set[str]:
+        """The values that ``layer`` (of this kind) normalises: the inputs of the node computing it.
+
+        :meth:`find_beside` uses it to tell a layer whose output is normalised later from one whose
+        normalisation was folded into it. A kind whose layer spans several nodes adds their inputs.
+        """
+        node = index.producer.get(layer.output)
+        return set() if node is None else set(node.input)
 
     @abstractmethod
     def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
@@ -217,8 +257,8 @@ class NeuronKind(ABC):
         return node
 
     @abstractmethod
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         """Write the pruning of neurons ``pruned`` (indices) into the ONNX initializers.
 
         ``centre`` (one value per neuron) is given for renormalised neurons (see

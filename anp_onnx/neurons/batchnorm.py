@@ -47,11 +47,12 @@ class BatchNormKind(NeuronKind):
 
     name = "batchnorm"
     description = "BatchNormalization channels (mask and noise on gamma, noise on beta)"
+    ops = ("BatchNormalization",)
 
     def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
         layers, notes = [], []
         for node in model.graph.node:
-            if node.op_type != "BatchNormalization":
+            if node.op_type not in self.ops:
                 continue
             params = list(node.input[1:5])
             if len(params) < 4 or not all(index.is_initializer(p) for p in params):
@@ -73,8 +74,8 @@ class BatchNormKind(NeuronKind):
             raise TypeError(f"{layer.name}: expected a torch BatchNorm module, got {type(module).__name__}")
         return PerturbedBatchNorm(module)
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         scale[pruned] = 0  # the reference keeps beta: a pruned channel outputs the constant beta

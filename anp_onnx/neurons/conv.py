@@ -6,19 +6,18 @@ take the neuron to be an output channel of the convolution / linear layer itself
 same way: with noise, output channel ``c``'s weight row is scaled by ``(m_c + d_c)`` and its bias by
 ``(1 + x_c)``; without noise the weight row is scaled by ``m_c`` and the bias is left alone.
 
-Layers found (weights must be initializers; other nodes are skipped with a note):
+Layers found (weights must be initializers; other nodes are skipped with a note), one kind named
+"conv" for all of them (``--kinds conv``; masks files say "conv"):
 
 * ``Conv`` (1-D, 2-D, 3-D, grouped and depthwise included): output channel = axis 0 of the weight.
   onnx2torch turns a Conv with asymmetric pads into ``Sequential(pad, conv)``; that is handled.
 * ``ConvTranspose``: weights are ``(C_in, C_out / group, ...)``, so output channel ``c`` is column
   ``c % (C_out / group)`` of the rows of its group ``c // (C_out / group)`` (axis 1 when group = 1).
-* ``Gemm`` that onnx2torch turns into ``nn.Linear`` (transA = 0, B an initializer, C absent or a 1-D
-  initializer): output units are the rows of B when transB = 1 and its columns when transB = 0.
-  Other Gemms become onnx2torch's generic ``OnnxGemm`` and are skipped with a note.
-* ``MatMul`` whose second input is a 2-D initializer (tf2onnx/Keras write Dense as MatMul + Add):
-  output units are the columns of the weight. The bias lives in the following ``Add``, a separate
-  node and torch module, which is left untouched: a MatMul neuron's mask and weight noise apply,
-  the bias noise ``x`` does not (the mask still counts; the bias is kept anyway, see below).
+* ``Gemm`` that onnx2torch turns into ``nn.Linear`` and ``MatMul`` by a 2-D initializer (Dense as
+  MatMul + Add, whose bias noise ``x`` does not apply): see anp_onnx.neurons.linear.
+
+Each op is one ``ChannelHandler`` (anp_onnx.neurons.channels), found in a table keyed by op type;
+this module holds the kind, Conv's and ConvTranspose's handlers.
 
 By default these neurons are *renormalised* (see ``PerturbedModule.renormalise`` and
 ``ANPConfig.renormalise``): the layer runs unperturbed and the mask and noise act on a BatchNorm
@@ -33,41 +32,44 @@ outputs the constant beta: the mask scales gamma, never beta) and matches the ma
 the weight only. It is the same operation, not the same constant, as on the unfolded model: folding
 gives weight' = W * gamma / std and bias' = beta + gamma * (b - mean) / std, so a pruned folded channel
 outputs bias' (the BN output for a zero conv response), while gamma = 0 before folding outputs beta
-(the channel's mean output). The torch model mirrors the fold exactly: a mask of 0 scales the weight
+(the channel's mean output). The torch model mirrors the write-back exactly: a mask of 0 scales the weight
 row to 0 and leaves the bias, so the masks learnt are the masks of the function that is written.
 
 The last classifier layer is excluded: a Conv/ConvTranspose/Gemm/MatMul from which a graph output is
 reached without passing another such layer (walking back from each graph output through whatever
 ops lie in between, e.g. Flatten, Reshape, Softmax, ReLU, GlobalAveragePool, Add). Its output units
 are the classes; pruning one would delete a class, and ANP perturbs hidden neurons only.
+
+The kind is the fallback of the default search (used when no normalisation kind finds a layer);
+beside normalisation layers it adds only the convs into which an exporter fused a BatchNorm (see
+:meth:`ConvKind.find_beside`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional, Sequence
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper
 from torch import nn
 
 from ..graph import LINEAR_OPS, GraphIndex, InitializerEditor, node_label
-from .base import NeuronKind, NeuronLayer, PerturbedModule
-from .registry import register_kind
-
-#: Ops whose output units are neurons of this kind (and which end a walk back from the outputs).
+from .base import FALLBACK, NeuronKind, NeuronLayer, PerturbedModule
+from .channels import ChannelHandler, attr
+from .linear import GemmHandler, MatMulHandler
+from .registry import get_kind, register_kind
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+#: Element-wise activations: a conv whose output goes straight into one had its normalisation folded in
+#: (conv -> BN -> ReLU exported with BN fused), unlike a conv feeding a normalisation or a residual Add.
+ACTIVATIONS = frozenset({
+    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+    "Softplus", "Gelu", "Mish", "ThresholdedRelu",
+})
 
 
 def _row_shape(ndim: int, axis: int, size: int) -> tuple[int, ...]:
@@ -125,34 +127,67 @@ class PerturbedConv(PerturbedModule):
         return self.renormalise(z, 1)
 
 
-class PerturbedLinear(PerturbedModule):
-    """nn.Linear (a converted Gemm) with output unit c's weight row scaled by (m+d), bias by (1+x)."""
+class ConvHandler(ChannelHandler):
+    """Conv (1-D to 3-D, grouped and depthwise): output channel c is row c of the weight."""
 
-    def __init__(self, linear: nn.Linear) -> None:
-        super().__init__(linear.out_features)
-        self.centreable = True
-        self.register_buffer("weight", linear.weight.detach().clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+    op: ClassVar[str] = "Conv"
+    fuses_batchnorm: ClassVar[bool] = True
+    #: The torch modules onnx2torch makes of the op, and those of them that are not (transposed).
+    module_type: ClassVar[type] = nn.modules.conv._ConvNd
+    excluded_type: ClassVar[Optional[type]] = nn.modules.conv._ConvTransposeNd
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wc, bc = self.coefficients()
-        weight = self.weight if wc is None else self.weight * wc.to(self.weight.dtype)[:, None]
-        bias = self.bias if (bc is None or self.bias is None) else self.bias * bc.to(self.bias.dtype)
-        return self.renormalise(F.linear(x, weight, bias), -1)
+    def size(self, node: onnx.NodeProto, index: GraphIndex, w_shape: tuple[int, ...], bias: str) -> tuple[int, str]:
+        if len(w_shape) not in (3, 4, 5):
+            return 0, f"{node.op_type} with a {len(w_shape)}-D weight skipped"
+        return self.channels(node, w_shape), ""
+
+    def channels(self, node: onnx.NodeProto, w_shape: tuple[int, ...]) -> int:
+        """The number of output channels of a node with a weight of shape ``w_shape``."""
+        return w_shape[0]
+
+    def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
+        pad = None
+        if isinstance(module, nn.Sequential) and len(module) == 2:  # onnx2torch: asymmetric pads
+            pad, module = module[0], module[1]
+        if not isinstance(module, self.module_type) or (
+                self.excluded_type is not None and isinstance(module, self.excluded_type)):
+            raise TypeError(f"{layer.name}: expected a torch {layer.op_type} module, got {type(module).__name__}")
+        return PerturbedConv(module, pad)
+
+    def prune_weight(self, node: onnx.NodeProto, weight: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+        weight[pruned] = 0
+        return weight
 
 
-class PerturbedMatMul(PerturbedModule):
-    """onnx2torch's MatMul (x @ W, W an initializer passed in by the graph) with column c of W scaled.
+class ConvTransposeHandler(ConvHandler):
+    """ConvTranspose: weights ``(C_in, C_out / group, ...)``; channel c is column ``c % (C_out / group)``
+    of the rows of group ``c // (C_out / group)``."""
 
-    The bias of a following Add is a separate module and is not perturbed (no bias noise).
-    """
+    op: ClassVar[str] = "ConvTranspose"
+    module_type: ClassVar[type] = nn.modules.conv._ConvTransposeNd
+    excluded_type: ClassVar[Optional[type]] = None
 
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
+    def size(self, node: onnx.NodeProto, index: GraphIndex, w_shape: tuple[int, ...], bias: str) -> tuple[int, str]:
+        if len(w_shape) in (3, 4, 5):
+            pads = list(attr(node, "pads", []))
+            if pads and pads[: len(pads) // 2] != pads[len(pads) // 2:]:
+                return 0, "ConvTranspose with asymmetric pads skipped (onnx2torch cannot convert it)"
+        return super().size(node, index, w_shape, bias)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        wc, _ = self.coefficients()
-        return self.renormalise(torch.matmul(x, y if wc is None else y * wc.to(y.dtype)), -1)
+    def channels(self, node: onnx.NodeProto, w_shape: tuple[int, ...]) -> int:
+        return w_shape[1] * int(attr(node, "group", 1))
+
+    def prune_weight(self, node: onnx.NodeProto, weight: np.ndarray, pruned: np.ndarray) -> np.ndarray:
+        g = int(attr(node, "group", 1))
+        c_in, c_out_g = weight.shape[:2]
+        grouped = weight.reshape(g, c_in // g, c_out_g, *weight.shape[2:])
+        grouped[pruned // c_out_g, :, pruned % c_out_g] = 0
+        return grouped.reshape(weight.shape)
+
+
+#: The handler of each op whose output channels are "conv" neurons.
+HANDLERS: dict[str, ChannelHandler] = {
+    h.op: h for h in (ConvHandler(), ConvTransposeHandler(), GemmHandler(), MatMulHandler())}
 
 
 @register_kind
@@ -161,15 +196,17 @@ class ConvKind(NeuronKind):
 
     name = "conv"
     description = "output channels of Conv / ConvTranspose / Gemm / MatMul+Add (BN folded or absent)"
+    ops = tuple(HANDLERS)
+    priority = FALLBACK
 
     def find(self, model: onnx.ModelProto, index: GraphIndex) -> tuple[list[NeuronLayer], list[str]]:
         layers, notes = [], []
         classifiers = classifier_nodes(model, index)
         for node in model.graph.node:
-            if node.op_type not in LINEAR_OPS or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in HANDLERS or node.domain not in ("", "ai.onnx"):
                 continue
             label = node_label(node)
-            layer, why = self._layer(node, index)
+            layer, why = HANDLERS[node.op_type].layer(node, index, self.name)
             if layer is None:
                 notes.append(f"{label}: {why}")
             elif id(node) in classifiers:
@@ -178,142 +215,61 @@ class ConvKind(NeuronKind):
                 layers.append(layer)
         return layers, notes
 
-    def _layer(self, node: onnx.NodeProto, index: GraphIndex) -> tuple[Optional[NeuronLayer], str]:
-        op = node.op_type
-        inputs = list(node.input)
-        weight = inputs[1] if len(inputs) > 1 else ""
-        bias = inputs[2] if len(inputs) > 2 else ""
-        if not weight or not index.is_initializer(weight):
-            return None, f"{op} with a non-constant weight skipped"
-        if bias and not index.is_initializer(bias):
-            return None, f"{op} with a non-constant bias skipped"
-        w_shape = tuple(int(d) for d in index.initializers[weight].dims)
-        if op == "Conv":
-            if len(w_shape) not in (3, 4, 5):
-                return None, f"Conv with a {len(w_shape)}-D weight skipped"
-            size = w_shape[0]
-        elif op == "ConvTranspose":
-            if len(w_shape) not in (3, 4, 5):
-                return None, f"ConvTranspose with a {len(w_shape)}-D weight skipped"
-            pads = list(_attr(node, "pads", []))
-            if pads and pads[: len(pads) // 2] != pads[len(pads) // 2:]:
-                return None, "ConvTranspose with asymmetric pads skipped (onnx2torch cannot convert it)"
-            size = w_shape[1] * int(_attr(node, "group", 1))
-        elif op == "Gemm":
-            if int(_attr(node, "transA", 0)):
-                return None, "Gemm with transA=1 skipped (onnx2torch makes it a generic module)"
-            if len(w_shape) != 2:
-                return None, "Gemm with a non-2-D weight skipped"
-            if bias and len(index.initializers[bias].dims) != 1:
-                return None, "Gemm with a non-1-D bias skipped (onnx2torch makes it a generic module)"
-            size = w_shape[0] if int(_attr(node, "transB", 0)) else w_shape[1]
-        else:  # MatMul
-            if len(w_shape) != 2:
-                return None, f"MatMul with a {len(w_shape)}-D weight skipped"
-            if index.is_initializer(inputs[0]):
-                return None, "MatMul with a constant first input skipped"
-            size = w_shape[1]
-            bias = ""
-            shift = _bias_add(node, index, size)
-        params = (("weight", weight),) + ((("bias", bias),) if bias else ())
-        if op == "MatMul" and shift:
-            params += (("shift", shift),)
-        return NeuronLayer(name=node_label(node), kind=self.name, op_type=op, node_name=node.name,
-                           output=node.output[0], size=size, params=params), ""
+    def find_beside(self, model: onnx.ModelProto, index: GraphIndex,
+                    normalising: Sequence[NeuronLayer]) -> tuple[list[NeuronLayer], list[str]]:
+        """Conv/ConvTranspose layers whose only reader is an activation that no layer of ``normalising``
+        reads; notes on them, and on the other layers of this kind (not used).
+
+        In a network that keeps some normalisation layers these are the convs into which an exporter
+        folded a BatchNorm (the torch exporter folds Conv -> BN, not BN after a residual Add), so they
+        stand for the missing normalisation neurons; without them the model has fewer neurons than the
+        same network with every BatchNorm kept. (Conv -> ReLU -> BN is normalised after the activation.)
+        """
+        normalised: set[str] = set()
+        for layer in normalising:
+            normalised |= get_kind(layer.kind).normalised_inputs(layer, index)
+        chosen: list[NeuronLayer] = []
+        others = False
+        layers, _ = self.find(model, index)
+        for layer in layers:
+            readers = index.consumers.get(layer.output, [])
+            if (HANDLERS[layer.op_type].fuses_batchnorm and index.uses.get(layer.output, 0) == 1
+                    and len(readers) == 1 and readers[0][0].op_type in ACTIVATIONS
+                    and readers[0][0].output[0] not in normalised):
+                chosen.append(layer)
+            else:
+                others = True
+        notes = []
+        if chosen:
+            notes.append(f"{len(chosen)} conv layers followed directly by an activation (normalisation "
+                         f"folded into them) also used as neurons: {', '.join(f.name for f in chosen[:5])}"
+                         + (" ..." if len(chosen) > 5 else ""))
+        if others:
+            notes.append("normalisation neurons found: other conv/linear output channels not used "
+                         "(list the kinds to use all, e.g. --kinds batchnorm conv)")
+        return chosen, notes
 
     def wrap(self, module: nn.Module, layer: NeuronLayer) -> PerturbedModule:
-        op = layer.op_type
-        if op in ("Conv", "ConvTranspose"):
-            pad = None
-            if isinstance(module, nn.Sequential) and len(module) == 2:  # onnx2torch: asymmetric pads
-                pad, module = module[0], module[1]
-            cls = nn.modules.conv._ConvTransposeNd if op == "ConvTranspose" else nn.modules.conv._ConvNd
-            if not isinstance(module, cls) or (op == "Conv") == isinstance(module, nn.modules.conv._ConvTransposeNd):
-                raise TypeError(f"{layer.name}: expected a torch {op} module, got {type(module).__name__}")
-            wrapped = PerturbedConv(module, pad)
-        elif op == "Gemm":
-            if not isinstance(module, nn.Linear):
-                raise TypeError(f"{layer.name}: expected onnx2torch's nn.Linear for a Gemm, got "
-                                f"{type(module).__name__} (a generic Gemm cannot carry conv neurons)")
-            wrapped = PerturbedLinear(module)
-        elif op == "MatMul":
-            from .._compat import onnx2torch
-
-            matmul = getattr(onnx2torch().node_converters, "OnnxMatMul", None)
-            if matmul is None or not isinstance(module, matmul):
-                raise TypeError(f"{layer.name}: expected onnx2torch's OnnxMatMul, got {type(module).__name__}")
-            wrapped = PerturbedMatMul(layer.size)
-            wrapped.centreable = "shift" in dict(layer.params)
-        else:
-            raise TypeError(f"{layer.name}: conv neurons do not cover {op}")
+        handler = HANDLERS.get(layer.op_type)
+        if handler is None:
+            raise TypeError(f"{layer.name}: conv neurons do not cover {layer.op_type}")
+        wrapped = handler.wrap(module, layer)
         if wrapped.neuron_mask.numel() != layer.size:
             raise TypeError(f"{layer.name}: the torch module has {wrapped.neuron_mask.numel()} output units, "
                             f"the ONNX node {layer.size}")
         return wrapped
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
-        weight = editor.read(node, 1).copy()
+        handler = HANDLERS[node.op_type]
         pruned = np.asarray(pruned, dtype=np.int64)
-        if node.op_type == "Conv":
-            weight[pruned] = 0
-        elif node.op_type == "ConvTranspose":
-            g = int(_attr(node, "group", 1))
-            c_in, c_out_g = weight.shape[:2]
-            grouped = weight.reshape(g, c_in // g, c_out_g, *weight.shape[2:])
-            grouped[pruned // c_out_g, :, pruned % c_out_g] = 0
-            weight = grouped.reshape(weight.shape)
-        elif node.op_type == "Gemm" and int(_attr(node, "transB", 0)):
-            weight[pruned, :] = 0
-        else:  # Gemm with transB=0, MatMul: output units are columns
-            weight[:, pruned] = 0
+        weight = handler.prune_weight(node, editor.read(node, 1).copy(), pruned)
         editor.write(node, 1, weight)
         if centre is None:
             return  # the bias is kept: a pruned channel outputs its constant bias
-        values = np.asarray(centre, dtype=weight.dtype)[pruned]
-        if node.op_type == "Gemm":  # Gemm adds beta * C
-            values = values / np.asarray(float(_attr(node, "beta", 1.0)), dtype=weight.dtype)
-        if node.op_type == "MatMul":  # the bias is the following Add's: it gains the MatMul's clean mean
-            add, i = _bias_add_input(node, editor.index, layer.param("shift"))
-            shift = editor.read(add, i).copy()
-            flat = shift.reshape(-1)
-            flat[pruned] += values
-            editor.write(add, i, flat.reshape(shift.shape))
-            return
-        if len(node.input) > 2 and node.input[2]:  # a renormalised channel outputs its clean mean
-            bias = editor.read(node, 2).copy()
-            bias[pruned] = values
-            editor.write(node, 2, bias)
-        else:
-            bias = np.zeros(layer.size, dtype=weight.dtype)
-            bias[pruned] = values
-            while len(node.input) > 2:  # an empty optional bias name
-                node.input.pop()
-            editor.add_input(node, bias, "bias_anp")
-
-
-def _bias_add(node: onnx.NodeProto, index: GraphIndex, size: int) -> str:
-    """The per-column constant of the Add that alone reads a MatMul's output (Dense = MatMul + Add), or ""."""
-    out = node.output[0]
-    readers = index.consumers.get(out, [])
-    if index.uses.get(out, 0) != 1 or len(readers) != 1:
-        return ""
-    add, i = readers[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
-        return ""
-    other = add.input[1 - i]
-    if not index.is_initializer(other):
-        return ""
-    dims = [int(d) for d in index.initializers[other].dims]
-    if not dims or dims[-1] != size or int(np.prod(dims)) != size:
-        return ""
-    return other
-
-
-def _bias_add_input(node: onnx.NodeProto, index: GraphIndex, name: str) -> tuple[onnx.NodeProto, int]:
-    add, _ = index.consumers[node.output[0]][0]
-    return add, list(add.input).index(name)
+        # a renormalised channel outputs its clean mean
+        handler.write_centre(layer, node, pruned, np.asarray(centre, dtype=weight.dtype)[pruned], editor)
 
 
 def classifier_nodes(model: onnx.ModelProto, index: GraphIndex) -> set[int]:

@@ -14,7 +14,7 @@ by (1 + x) with noise, the scale by m without; pruning sets the scale to 0 and k
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import onnx
@@ -124,7 +124,9 @@ def _functional(module: nn.Module, class_name: str) -> bool:
 
 
 class _NormKind(NeuronKind):
-    op_type = ""
+    """A normalisation node (one op type) whose scale elements are neurons, perturbed like BatchNorm."""
+
+    op_type: ClassVar[str] = ""
 
     def _params(self, node: onnx.NodeProto) -> list[str]:
         return [name for name in node.input[1:3] if name]
@@ -158,8 +160,8 @@ class _NormKind(NeuronKind):
             ))
         return layers, notes
 
-    def fold(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
-             centre: Optional[np.ndarray] = None) -> None:
+    def write_back(self, layer: NeuronLayer, pruned: np.ndarray, editor: InitializerEditor,
+                   centre: Optional[np.ndarray] = None) -> None:
         node = self.node_of(layer, editor)
         scale = editor.read(node, 1).copy()
         flat = scale.reshape(-1)  # a view of the copy: C order, as the masks
@@ -174,6 +176,7 @@ class InstanceNormKind(_NormKind):
     name = "instancenorm"
     description = "InstanceNormalization channels (mask and noise on scale, noise on bias)"
     op_type = "InstanceNormalization"
+    ops = (op_type,)
 
     def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
         if scale.ndim != 1 or len(node.input) < 3 or not node.input[2]:
@@ -195,6 +198,7 @@ class LayerNormKind(_NormKind):
     name = "layernorm"
     description = "LayerNormalization scale elements (mask and noise on scale, noise on bias)"
     op_type = "LayerNormalization"
+    ops = (op_type,)
 
     def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
         if len(node.input) > 2 and node.input[2] and index.array(node.input[2]).shape != scale.shape:
@@ -223,6 +227,7 @@ class GroupNormKind(_NormKind):
     name = "groupnorm"
     description = "GroupNormalization scale elements: groups at opset 18-20, channels from 21 (as instancenorm)"
     op_type = "GroupNormalization"
+    ops = (op_type,)
 
     def _check(self, node: onnx.NodeProto, index: GraphIndex, scale: np.ndarray) -> Optional[str]:
         if scale.ndim != 1 or len(node.input) < 3 or not node.input[2]:
