@@ -25,29 +25,30 @@ __version__ = "0.1.0"
 
 #: Public name -> the submodule it lives in.
 _EXPORTS: dict[str, str] = {
-    "ANPConfig": "anp", "MaskResult": "anp",
-    "DEFAULT_HOLDOUT": "api", "ExportResult": "api", "ModelInfo": "api", "RepairResult": "api", "Repairer": "api",
-    "default_masks_path": "api", "evaluate_model": "api", "inspect_model": "api", "mask_values_path": "api",
-    "prune": "api", "repair": "api",
+    "ANPConfig": "anp", "MaskResult": "anp", "CPU_ITERATIONS": "anp", "REFERENCE_ITERATIONS": "anp",
+    "Repairer": "api", "evaluate_model": "api", "inspect_model": "api", "prune": "api", "repair": "api",
+    "ExportResult": "results", "ModelInfo": "results", "RepairResult": "results",
+    "DEFAULT_HOLDOUT": "options", "DEFAULT_MAX_DROP": "options", "DEFAULT_SIGNAL_MAX_DROP": "options",
+    "CurveSettings": "options", "ModelOptions": "options", "NeuronSelection": "options",
+    "default_masks_path": "masks_io", "mask_values_path": "masks_io", "load_masks": "masks_io",
     "CollapseProbe": "collapse",
+    "RepairContext": "context",
     "CurvePoint": "curve", "PruningCurve": "curve",
     "ImageSet": "data", "load_images": "data",
-    "Preprocessing": "preprocessing",
-    "AnpOnnxError": "errors",
+    "Preprocessing": "preprocessing", "PRESETS": "preprocessing",
+    "AnpOnnxError": "errors", "Cancelled": "errors", "ConversionError": "errors", "DataError": "errors",
+    "ModelError": "errors", "OutputError": "errors", "SettingsError": "errors", "UnsupportedModelError": "errors",
     "EvalResult": "evaluate",
+    "Evaluation": "finish",
     "InputSpec": "model", "LoadedModel": "model", "load_model": "model",
-    "CancelToken": "progress", "ProgressEvent": "progress",
-    "PrunePlan": "prune", "PruneSpec": "prune", "load_masks": "prune", "rank_neurons": "prune",
+    "CancelToken": "progress", "ProgressEvent": "progress", "Stage": "progress",
+    "PrunePlan": "prune", "PruneSpec": "prune", "rank_neurons": "prune", "REFERENCE_THRESHOLD": "prune",
     "report_paths": "report", "write_report": "report",
+    "MaskStage": "stages", "Refinement": "stages", "RefinementResult": "stages",
+    "register_mask_stage": "stages", "register_refinement": "stages",
 }
 
-__all__ = [
-    "__version__", "ANPConfig", "MaskResult", "ExportResult", "ModelInfo", "RepairResult", "Repairer",
-    "evaluate_model", "inspect_model", "prune", "repair", "ImageSet", "Preprocessing", "load_images",
-    "AnpOnnxError", "EvalResult", "InputSpec", "LoadedModel", "load_model", "CancelToken", "ProgressEvent",
-    "PrunePlan", "PruneSpec", "load_masks", "rank_neurons", "DEFAULT_HOLDOUT", "default_masks_path",
-    "mask_values_path", "CurvePoint", "PruningCurve", "report_paths", "write_report", "CollapseProbe",
-]
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> _Any:

@@ -9,6 +9,10 @@ The option, on by default (``ANPConfig.target="auto"``): when the collapse probe
 (:mod:`anp_onnx.collapse`) names a suspected target, the noise steps pull images towards it and the
 perturbed loss is the pull, ``-log(1 - p_target)`` on images of other classes (see ANPConfig).
 ``ANPConfig.reference()`` is the reference loop exactly.
+
+:class:`ANPStage` is the pipeline's first mask stage (:mod:`anp_onnx.stages`): the calibration of
+renormalised neurons and the collapse probe run before it (:mod:`anp_onnx.learn`), and
+:func:`optimize_masks` is the loop alone.
 """
 
 from __future__ import annotations
@@ -23,11 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .collapse import CollapseProbe, find_target, probe_supported
-from .data import ImageSet, augment_batch, default_crop_padding
+from .augment import augment_batch, default_crop_padding
+from .collapse import CollapseProbe, probe_supported
+from .context import RepairContext, current_masks
+from .data import ImageSet
 from .errors import SettingsError
 from .neurons import PerturbedModule
-from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
+from .stages import MaskStage, register_mask_stage
 
 _LOGGER = logging.getLogger(__name__)
 BN_MODES = ("train", "eval")
@@ -74,7 +81,6 @@ class ANPConfig:
     project_noise: bool = False
     seed: int = 0
     device: str = "auto"
-    snapshot_every: int = 0
     target: Optional[int | str] = "auto"
     targeted_eps: float = 0.2
     renormalise: bool = True
@@ -104,8 +110,6 @@ class ANPConfig:
             problems.append(f"bn_mode must be one of {', '.join(BN_MODES)}")
         if self.crop_padding is not None and self.crop_padding < 0:
             problems.append("crop_padding must be >= 0")
-        if self.snapshot_every < 0:
-            problems.append("snapshot_every must be >= 0")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             problems.append("device must be auto, cpu or cuda[:N]")
         if not (self.target is None or self.target == "auto"
@@ -145,8 +149,9 @@ class MaskResult:
 
     ``mean_masks`` is each mask's mean over all iterations: among equal final masks, the lower mean
     fell earlier, and ranks first for pruning. ``centres`` holds the renormalised layers' clean
-    (mean, spread) per neuron (see ``ANPConfig.renormalise``); folding needs them. ``target`` is the class the noise step pushed towards
-    (None: the reference's untargeted step) and ``probe`` the collapse probe that chose it, if run.
+    (mean, spread) per neuron (see ``ANPConfig.renormalise``); writing the pruning back needs them.
+    ``target`` is the class the noise step pushed towards (None: the reference's untargeted step),
+    ``probe`` the collapse probe that chose it, if run, and ``stage`` the mask stage that learnt them.
     """
 
     masks: dict[str, np.ndarray]
@@ -155,10 +160,10 @@ class MaskResult:
     device: str
     history: dict[str, list[float]] = field(default_factory=dict)
     mean_masks: dict[str, np.ndarray] = field(default_factory=dict)
-    snapshots: list[tuple[int, dict[str, np.ndarray]]] = field(default_factory=list)
     target: Optional[int] = None
     probe: Optional[CollapseProbe] = None
     centres: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    stage: str = "anp"
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -190,17 +195,49 @@ def _set_noise(modules: list[PerturbedModule], on: bool) -> None:
         m.perturbed = on
 
 
+@register_mask_stage
+class ANPStage(MaskStage):
+    """Adversarial Neuron Pruning's mask optimisation (the reference loop, optionally targeted)."""
+
+    name = "anp"
+    description = "ANP: masks that keep clean accuracy under adversarial neuron perturbation"
+    config_type = ANPConfig
+
+    def resolve(self, config: ANPConfig) -> ANPConfig:
+        return config.resolve()
+
+    def wants_probe(self, ctx: RepairContext, config: ANPConfig) -> bool:
+        if config.target != "auto":
+            return False
+        if config.eps > 0 and config.targeted_eps > 0 and probe_supported(ctx.modules.values()):
+            return True
+        _LOGGER.info("collapse probe skipped (it needs normalising or renormalised neurons): untargeted perturbation")
+        return False
+
+    def noise_target(self, config: ANPConfig, probe: Optional[CollapseProbe]) -> Optional[int]:
+        if config.target == "auto":
+            return probe.suspected_target if probe is not None else None
+        return config.target
+
+    def run(self, ctx: RepairContext, clean: ImageSet, config: ANPConfig, *, target: Optional[int],
+            progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> MaskResult:
+        return optimize_masks(ctx.net, ctx.modules, clean, config, target=target, progress=progress, cancel=cancel)
+
+
 def optimize_masks(
     net: nn.Module,
     neurons: dict[str, PerturbedModule],
     data: ImageSet,
     config: ANPConfig = ANPConfig(),
+    *,
+    target: Optional[int] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     progress_every: int = 10,
 ) -> MaskResult:
-    """Run ANP on ``net`` whose perturbable ``neurons`` are installed; return the learnt masks.
+    """The ANP loop on ``net`` whose perturbable ``neurons`` are installed (and, if wanted, calibrated).
 
+    ``target`` makes the noise targeted (see ANPConfig; None: the reference's untargeted step).
     ``data`` is the clean set (images in [0, 1]). A fixed ``config.seed`` gives identical masks on
     the same device. Masks are left in the modules when this returns (or raises Cancelled).
     """
@@ -215,30 +252,11 @@ def optimize_masks(
     torch.manual_seed(config.seed)
     net.to(device).eval()
     for m in modules:
-        m.batch_stats = False
+        m.batch_stats = config.bn_mode == "train"
         m.perturbed = False
         with torch.no_grad():
             m.neuron_mask.fill_(1.0)
-    if config.renormalise:
-        calibrate(net, modules, data, device=device)
-    else:
-        for m in modules:
-            m.set_centres(None, None)
-    for m in modules:
-        m.batch_stats = config.bn_mode == "train"
-        with torch.no_grad():
-            m.neuron_mask.fill_(1.0)
         m.reset_noise(0.0)
-    target, probe = config.target, None
-    if target == "auto":
-        target = None
-        if config.eps > 0 and config.targeted_eps > 0 and probe_supported(modules):
-            probe = find_target(net, modules, data, device=device)
-            target = probe.suspected_target
-            _LOGGER.info("collapse probe: %s", probe.describe())
-        else:
-            _LOGGER.info("collapse probe skipped (it needs normalising or renormalised neurons): "
-                         "untargeted perturbation")
     eps = config.eps if target is None else config.targeted_eps
     x_all = torch.from_numpy(np.ascontiguousarray(data.x, dtype=np.float32)).to(device)
     y_all = torch.from_numpy(data.y.astype(np.int64)).to(device)
@@ -248,7 +266,6 @@ def optimize_masks(
     mask_opt = torch.optim.SGD(mask_params, lr=config.mask_lr, momentum=config.momentum)
     noise_opt = torch.optim.SGD(noise_params, lr=eps / config.steps if eps > 0 else 0.0)
     history: dict[str, list[float]] = {"loss_nat": [], "loss_rob": [], "acc_nat": []}
-    snapshots: list[tuple[int, dict[str, np.ndarray]]] = []
     mask_sums = [torch.zeros_like(m.neuron_mask, dtype=torch.float64) for m in modules]
     batches = _batches(len(data), min(config.batch_size, len(data)), gen)
     start = time.perf_counter()
@@ -302,12 +319,10 @@ def optimize_masks(
             history["loss_nat"].append(float(loss_nat.detach()))
             history["loss_rob"].append(loss_rob_value)
             history["acc_nat"].append(float((logits.detach().argmax(1) == y).float().mean()))
-            if config.snapshot_every and (it % config.snapshot_every == 0 or it == config.iterations):
-                snapshots.append((it, current_masks(neurons)))
             if progress is not None and (it % progress_every == 0 or it == 1 or it == config.iterations):
                 k = min(progress_every, it)
                 emit(progress, ProgressEvent(
-                    "optimise", it, config.iterations,
+                    Stage.OPTIMISE, it, config.iterations,
                     metrics={
                         "loss_nat": float(np.mean(history["loss_nat"][-k:])),
                         "loss_rob": float(np.mean(history["loss_rob"][-k:])),
@@ -322,49 +337,4 @@ def optimize_masks(
             m.batch_stats = False
     seconds = time.perf_counter() - start
     means = {name: (total / config.iterations).float().cpu().numpy() for name, total in zip(neurons, mask_sums)}
-    return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, means, snapshots,
-                      target, probe, current_centres(neurons))
-
-
-#: Clean images used to calibrate renormalised neurons (all of them when the clean set is smaller).
-CALIBRATION_IMAGES = 2048
-
-
-@torch.no_grad()
-def calibrate(net: nn.Module, modules, data: ImageSet, device: str = "cpu",
-              max_images: int = CALIBRATION_IMAGES, batch_size: int = 256) -> int:
-    """Renormalise the neurons that do not normalise: their clean outputs' mean and spread on ``data``.
-
-    Runs the unperturbed model (eval mode, masks as they are, normally 1) on up to ``max_images``
-    clean images and gives every such module whose fold can take it (``centreable``) its per-neuron
-    statistics (see :meth:`PerturbedModule.renormalise`). Returns the number of layers calibrated.
-    """
-    chosen = [m for m in modules if not m.normalises and m.centreable]
-    if not chosen:
-        return 0
-    net.to(device).eval()
-    for m in chosen:
-        m.start_calibration()
-    try:
-        x = data.x[:max_images]
-        for start in range(0, len(x), batch_size):
-            net(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)).to(device))
-    except BaseException:
-        for m in chosen:
-            m.abort_calibration()
-        raise
-    for m in chosen:
-        m.finish_calibration()
-    _LOGGER.info("renormalised %d layers that do not normalise (statistics of %d clean images)",
-                 len(chosen), len(x))
-    return len(chosen)
-
-
-def current_centres(neurons: dict[str, PerturbedModule]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The renormalised layers' (centre, spread) per neuron."""
-    return {name: (m.centre.float().cpu().numpy().copy(), m.spread.float().cpu().numpy().copy())
-            for name, m in neurons.items() if m.renormalised}
-
-
-def current_masks(neurons: dict[str, PerturbedModule]) -> dict[str, np.ndarray]:
-    return {name: m.neuron_mask.detach().float().cpu().numpy().copy() for name, m in neurons.items()}
+    return MaskResult(current_masks(neurons), config.iterations, seconds, device, history, means, target)

@@ -49,11 +49,6 @@ PROBE_EPS = 0.2
 MIN_SHARE = 0.3
 #: ... and at least this many times the share of the runner-up.
 MIN_RATIO = 2.0
-#: After pruning, the backdoor signal (the fraction of probed clean images of other classes that a
-#: neuron perturbation aimed at the suspected target sends there) counts as gone when it is at most
-#: this fraction of the unpruned model's. Measured on the sample models: the signal falls before the
-#: attack success rate does, and 1% was the level at which ASR had fallen too (see benchmarks/).
-GONE_FRACTION = 0.01
 #: A pull weaker than this on the unpruned model says too little: the signal is measured at twice
 #: the noise instead.
 MIN_PULL = 0.1

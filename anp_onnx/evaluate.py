@@ -7,10 +7,11 @@ from typing import Optional
 
 import numpy as np
 
-from .data import ImageSet, Preprocessing
+from .data import ImageSet
 from .errors import DataError
 from .model import LoadedModel
-from .progress import CancelToken, ProgressCallback, ProgressEvent, check, emit
+from .preprocessing import Preprocessing
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 from .runtime import ort_logits, to_model_input
 
 
@@ -36,7 +37,7 @@ class EvalResult:
 
 def predict(model: LoadedModel, images: ImageSet, preprocessing: Preprocessing, *, batch_size: int = 256,
             session=None, progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
-            stage: str = "evaluate") -> np.ndarray:
+            stage: Stage = Stage.EVALUATE) -> np.ndarray:
     """Predicted class per image, from onnxruntime."""
     session = session or model.session()
     preds = []

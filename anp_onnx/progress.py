@@ -10,21 +10,38 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Mapping, Optional
 
 from .errors import Cancelled
+
+
+class Stage(str, Enum):
+    """The pipeline stages that report progress (a ``str`` enum: ``Stage.OPTIMISE == "optimise"``)."""
+
+    CONVERT = "convert"
+    CALIBRATE = "calibrate"
+    PROBE = "probe"
+    OPTIMISE = "optimise"
+    SWEEP = "sweep"
+    WRITE_BACK = "write-back"
+    VERIFY = "verify"
+    EVALUATE = "evaluate"
+    REPORT = "report"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
 class ProgressEvent:
     """One step of a long operation.
 
-    ``stage`` names the operation ("optimise", "sweep", "evaluate", ...); ``step`` counts from 1 up
-    to ``total``. ``metrics`` carries stage-specific figures (losses, accuracy, ...), and ``payload``
+    ``stage`` names the operation (a :class:`Stage`); ``step`` counts from 1 up to ``total``. ``metrics`` carries stage-specific figures (losses, accuracy, ...), and ``payload``
     optional heavier data (for example the current mask values) for live plots.
     """
 
-    stage: str
+    stage: Stage
     step: int
     total: int
     metrics: Mapping[str, float] = field(default_factory=dict)

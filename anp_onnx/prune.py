@@ -1,84 +1,173 @@
-"""Choosing which neurons to prune from their masks, and reading/writing mask files.
+"""Choosing which neurons to prune from their masks.
 
 Neurons are ordered by mask value, lowest first (ties keep graph order). A :class:`PruneSpec` says
-how many of that order to prune: every neuron with mask <= threshold (the reference's default,
-t = 0.2), a count, or a fraction of all neurons.
+how many of that order to prune, one variant per mode: every neuron with mask <= threshold (the
+reference's default, t = :data:`REFERENCE_THRESHOLD`), a count, a fraction of all neurons, or the
+automatic choice from clean data (:mod:`anp_onnx.curve`). Mask files are :mod:`anp_onnx.masks_io`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .errors import DataError, SettingsError
-from .neurons import NeuronLayer
+from .options import DEFAULT_MAX_DROP
 
-PRUNE_MODES = ("auto", "threshold", "count", "fraction")
-MASKS_FORMAT = "anp-onnx-masks"
+if TYPE_CHECKING:  # pragma: no cover
+    from .neurons import NeuronLayer
+
+#: The reference's pruning threshold (prune every neuron whose mask is at most this).
+REFERENCE_THRESHOLD = 0.2
 
 
-@dataclass(frozen=True)
-class PruneSpec:
-    """How much to prune: ``mode`` is auto, threshold, count or fraction; ``value`` its parameter.
+class _ByMode(type):
+    """``PruneSpec(mode, value)`` builds the variant of that mode (``PruneSpec()`` is automatic)."""
 
-    ``auto`` prunes, in mask order, as many neurons as keeps clean accuracy on held-out clean data
-    within ``value`` (the accuracy budget, default 0.02 = 2 points) of the unpruned model's; it needs
-    a pruning curve (see :mod:`anp_onnx.curve`). ``threshold`` 0.2 is the reference's choice.
+    def __call__(cls, *args, **kwargs):
+        if cls is not PruneSpec:
+            return super().__call__(*args, **kwargs)
+        mode = args[0] if args else kwargs.pop("mode", "auto")
+        value = args[1] if len(args) > 1 else kwargs.pop("value", None)
+        variant = _VARIANTS.get(mode) if isinstance(mode, str) else None
+        if variant is None:
+            raise SettingsError(f"pruning mode must be one of {', '.join(PRUNE_MODES)}, not {mode!r}")
+        return variant() if value is None else variant(value)
+
+
+class PruneSpec(metaclass=_ByMode):
+    """How much to prune: :meth:`auto`, :meth:`threshold`, :meth:`count` or :meth:`fraction`.
+
+    ``mode`` names the variant and ``value`` is its parameter. ``auto`` prunes, in mask order, as
+    decided on held-out clean data by the pruning curve (``value`` is the accuracy budget without a
+    backdoor signal, default 2 points; see :mod:`anp_onnx.curve`); ``threshold`` 0.2 is the
+    reference's choice.
     """
 
-    mode: str = "auto"
-    value: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.mode not in PRUNE_MODES:
-            raise SettingsError(f"pruning mode must be one of {', '.join(PRUNE_MODES)}, not {self.mode!r}")
-        if self.mode == "auto" and not 0.0 <= self.value <= 1.0:
-            raise SettingsError("the accuracy budget of automatic pruning must be in [0, 1]")
-        if self.mode == "threshold" and not 0.0 <= self.value <= 1.0:
-            raise SettingsError("pruning threshold must be in [0, 1]")
-        if self.mode == "count" and (self.value < 0 or self.value != int(self.value)):
-            raise SettingsError("pruning count must be a whole number >= 0")
-        if self.mode == "fraction" and not 0.0 <= self.value <= 1.0:
-            raise SettingsError("pruning fraction must be in [0, 1]")
+    mode: ClassVar[str] = ""
+    value: float
 
     @classmethod
-    def auto(cls, max_drop: float = 0.02) -> "PruneSpec":
-        return cls("auto", float(max_drop))
+    def auto(cls, max_drop: float = DEFAULT_MAX_DROP) -> "AutoPrune":
+        return AutoPrune(float(max_drop))
 
     @classmethod
-    def threshold(cls, t: float) -> "PruneSpec":
-        return cls("threshold", float(t))
+    def threshold(cls, t: float) -> "ThresholdPrune":
+        return ThresholdPrune(float(t))
 
     @classmethod
-    def count(cls, k: int) -> "PruneSpec":
-        return cls("count", k)
+    def count(cls, k: int) -> "CountPrune":
+        return CountPrune(k)
 
     @classmethod
-    def fraction(cls, f: float) -> "PruneSpec":
-        return cls("fraction", float(f))
+    def fraction(cls, f: float) -> "FractionPrune":
+        return FractionPrune(float(f))
 
     def describe(self) -> str:
-        if self.mode == "auto":
-            return f"automatic choice from clean data; accuracy budget {100 * self.value:g} points without a backdoor signal"
-        if self.mode == "threshold":
-            return f"mask <= {self.value:g}"
-        if self.mode == "count":
-            return f"{int(self.value)} lowest masks"
-        return f"lowest {self.value:.1%} of neurons"
+        raise NotImplementedError
+
+    def choose(self, ranked: Sequence["RankedNeuron"]) -> list["RankedNeuron"]:
+        """The neurons of ``ranked`` (lowest mask first) this spec prunes."""
+        raise NotImplementedError
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "value": self.value}
 
 
+def _in_unit(value: float, what: str) -> None:
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise SettingsError(f"{what} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AutoPrune(PruneSpec):
+    """The automatic choice from the pruning curve; ``value``: accuracy budget without a signal."""
+
+    mode: ClassVar[str] = "auto"
+    value: float = DEFAULT_MAX_DROP
+
+    def __post_init__(self) -> None:
+        _in_unit(self.value, "the accuracy budget of automatic pruning")
+
+    def describe(self) -> str:
+        return f"automatic choice from clean data; accuracy budget {100 * self.value:g} points without a backdoor signal"
+
+    def choose(self, ranked: Sequence["RankedNeuron"]) -> list["RankedNeuron"]:
+        raise SettingsError("automatic pruning needs held-out clean data: use a pruning curve "
+                            "(Repairer.pruning_curve) or give a threshold, count or fraction")
+
+
+@dataclass(frozen=True)
+class ThresholdPrune(PruneSpec):
+    """Every neuron whose mask is at most ``value``."""
+
+    mode: ClassVar[str] = "threshold"
+    value: float = REFERENCE_THRESHOLD
+
+    def __post_init__(self) -> None:
+        _in_unit(self.value, "pruning threshold")
+
+    def describe(self) -> str:
+        return f"mask <= {self.value:g}"
+
+    def choose(self, ranked: Sequence["RankedNeuron"]) -> list["RankedNeuron"]:
+        # masks are float32: compare in float32 so that a mask of exactly 0.2 is pruned at t = 0.2
+        t = np.float32(self.value)
+        return [n for n in ranked if np.float32(n.mask) <= t]
+
+
+def _first(ranked: Sequence["RankedNeuron"], k: int) -> list["RankedNeuron"]:
+    if k > len(ranked):
+        raise SettingsError(f"cannot prune {k} neurons: the model has {len(ranked)}")
+    return list(ranked[:k])
+
+
+@dataclass(frozen=True)
+class CountPrune(PruneSpec):
+    """The ``value`` lowest masks."""
+
+    mode: ClassVar[str] = "count"
+    value: float = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.value) and self.value >= 0) or self.value != int(self.value):
+            raise SettingsError("pruning count must be a whole number >= 0")
+
+    def describe(self) -> str:
+        return f"{int(self.value)} lowest masks"
+
+    def choose(self, ranked: Sequence["RankedNeuron"]) -> list["RankedNeuron"]:
+        return _first(ranked, int(self.value))
+
+
+@dataclass(frozen=True)
+class FractionPrune(PruneSpec):
+    """The lowest ``value`` fraction of all neurons."""
+
+    mode: ClassVar[str] = "fraction"
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        _in_unit(self.value, "pruning fraction")
+
+    def describe(self) -> str:
+        return f"lowest {self.value:.1%} of neurons"
+
+    def choose(self, ranked: Sequence["RankedNeuron"]) -> list["RankedNeuron"]:
+        return _first(ranked, int(math.floor(self.value * len(ranked) + 1e-9)))
+
+
+_VARIANTS: dict[str, type[PruneSpec]] = {v.mode: v for v in (AutoPrune, ThresholdPrune, CountPrune, FractionPrune)}
+PRUNE_MODES = tuple(_VARIANTS)
+
+
 @dataclass(frozen=True)
 class RankedNeuron:
+    """One neuron in pruning order: its layer, channel index and mask."""
+
     layer: str
     index: int
     mask: float
@@ -128,21 +217,7 @@ def rank_neurons(masks: Mapping[str, np.ndarray],
 def plan_pruning(masks: Mapping[str, np.ndarray], spec: PruneSpec,
                  tiebreak: Optional[Mapping[str, np.ndarray]] = None) -> PrunePlan:
     """The neurons that ``spec`` prunes given ``masks`` (ranked with ``tiebreak``, see rank_neurons)."""
-    if spec.mode == "auto":
-        raise SettingsError("automatic pruning needs held-out clean data: use a pruning curve "
-                            "(Repairer.pruning_curve) or give a threshold, count or fraction")
-    ranked = rank_neurons(masks, tiebreak)
-    total = len(ranked)
-    if spec.mode == "threshold":
-        # masks are float32: compare in float32 so that a mask of exactly 0.2 is pruned at t = 0.2
-        t = np.float32(spec.value)
-        chosen = [n for n in ranked if np.float32(n.mask) <= t]
-    else:
-        k = int(spec.value) if spec.mode == "count" else int(math.floor(spec.value * total + 1e-9))
-        if k > total:
-            raise SettingsError(f"cannot prune {k} neurons: the model has {total}")
-        chosen = ranked[:k]
-    return plan_from_neurons(masks, chosen, spec)
+    return plan_from_neurons(masks, spec.choose(rank_neurons(masks, tiebreak)), spec)
 
 
 def plan_from_neurons(masks: Mapping[str, np.ndarray], chosen: Iterable[RankedNeuron], spec: PruneSpec) -> PrunePlan:
@@ -153,104 +228,7 @@ def plan_from_neurons(masks: Mapping[str, np.ndarray], chosen: Iterable[RankedNe
     return PrunePlan({k: np.array(sorted(v), dtype=np.int64) for k, v in pruned.items()}, spec, total)
 
 
-def file_sha256(path: os.PathLike | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], layers: Sequence[NeuronLayer],
-                    extra: Optional[Mapping[str, Any]] = None,
-                    mean_masks: Optional[Mapping[str, np.ndarray]] = None,
-                    centres: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None) -> None:
-    """Write masks with their layers' ONNX mapping (and ``extra`` facts: model hash, settings).
-
-    ``mean_masks`` (each mask's mean over the optimisation) are stored too: they break ties; so are
-    the renormalised layers' ``centres`` (clean mean and spread per neuron): folding needs them.
-    """
-    by_name = {layer.name: layer for layer in layers}
-
-    def entry(name: str, values: np.ndarray) -> dict:
-        out = {**by_name[name].to_dict(), "mask": [round(float(v), 6) for v in values]}
-        if mean_masks is not None and name in mean_masks:
-            out["mean_mask"] = [round(float(v), 6) for v in mean_masks[name]]
-        if centres and name in centres:
-            out["centre"] = [float(v) for v in np.asarray(centres[name][0], dtype=np.float32)]
-            out["spread"] = [float(v) for v in np.asarray(centres[name][1], dtype=np.float32)]
-        return out
-
-    doc = {
-        "format": MASKS_FORMAT, "version": 1, **(dict(extra) if extra else {}),
-        "layers": [entry(name, values) for name, values in masks.items()],
-    }
-    _write_text(path, json.dumps(doc, indent=1))
-
-
-def save_mask_values_txt(path: os.PathLike | str, masks: Mapping[str, np.ndarray]) -> None:
-    """The reference code's mask_values.txt (tab separated, 4 decimals, one row per neuron)."""
-    lines = ["No \t Layer Name \t Neuron Idx \t Mask Score \n"]
-    row = 0
-    for name, values in masks.items():
-        for i, v in enumerate(values):
-            lines.append(f"{row} \t {name} \t {i} \t {float(v):.4f} \n")
-            row += 1
-    _write_text(path, "".join(lines))
-
-
-def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Masks from a masks JSON written by anp-onnx or a reference mask_values.txt; and the JSON's facts.
-
-    The facts include ``mean_masks`` (the tie-breakers) and ``centres`` (renormalised layers' clean
-    mean and spread) when the file has them.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such masks file")
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if text.lstrip().startswith("{"):
-        try:
-            doc = json.loads(text)
-            masks = {layer["name"]: np.asarray(layer["mask"], dtype=np.float32) for layer in doc["layers"]}
-            means = {layer["name"]: np.asarray(layer["mean_mask"], dtype=np.float32)
-                     for layer in doc["layers"] if "mean_mask" in layer}
-            centres = {layer["name"]: (np.asarray(layer["centre"], dtype=np.float32),
-                                       np.asarray(layer["spread"], dtype=np.float32))
-                       for layer in doc["layers"] if "centre" in layer}
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
-        facts = {k: v for k, v in doc.items() if k != "layers"}
-        if means:
-            facts["mean_masks"] = means
-        if centres:
-            facts["centres"] = centres
-        return masks, facts
-    return _load_txt(path, text), {}
-
-
-def _load_txt(path: Path, text: str) -> dict[str, np.ndarray]:
-    rows: dict[str, dict[int, float]] = {}
-    for n, line in enumerate(text.splitlines()[1:], start=2):
-        if not line.strip():
-            continue
-        parts = [p.strip() for p in line.split("\t")]
-        try:
-            _, name, idx, value = parts[:4]
-            rows.setdefault(name, {})[int(idx)] = float(value)
-        except ValueError:
-            raise DataError(f"{path}:{n}: expected 'No, Layer Name, Neuron Idx, Mask Score' columns") from None
-    if not rows:
-        raise DataError(f"{path}: no mask values found")
-    out = {}
-    for name, values in rows.items():
-        if sorted(values) != list(range(len(values))):
-            raise DataError(f"{path}: layer {name} has missing neuron indices")
-        out[name] = np.array([values[i] for i in range(len(values))], dtype=np.float32)
-    return out
-
-
-def match_masks(masks: Mapping[str, np.ndarray], layers: Sequence[NeuronLayer]) -> dict[str, np.ndarray]:
+def match_masks(masks: Mapping[str, np.ndarray], layers: Sequence["NeuronLayer"]) -> dict[str, np.ndarray]:
     """Check saved masks fit the model's layers (names and sizes); return them in layer order."""
     by_name = {layer.name: layer for layer in layers}
     unknown = [name for name in masks if name not in by_name]
@@ -267,10 +245,3 @@ def match_masks(masks: Mapping[str, np.ndarray], layers: Sequence[NeuronLayer]) 
     if not out:
         raise DataError("the masks match no layer of this model")
     return out
-
-
-def _write_text(path: os.PathLike | str, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
 
 from . import __version__
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .api import RepairResult
+from .prune import REFERENCE_THRESHOLD
+from .results import RepairResult
 
 
 def report_paths(out: os.PathLike | str) -> dict[str, Path]:
@@ -35,7 +34,7 @@ def _eval(e) -> Optional[dict]:
     return None if e is None else e.to_dict()
 
 
-def report_dict(result: "RepairResult") -> dict:
+def report_dict(result: RepairResult) -> dict:
     """Every figure and setting of a repair, JSON-ready."""
     layers = {layer.name: layer for layer in result.layers}
     all_masks = np.concatenate([np.asarray(v) for v in result.masks.values()])
@@ -44,28 +43,38 @@ def report_dict(result: "RepairResult") -> dict:
         "output": str(result.output),
         "files": [str(f) for f in result.files],
         "seconds": round(result.seconds, 2),
-        "optimisation": {
-            "settings": result.config.to_dict(), "device": result.optimisation.device,
-            "iterations": result.optimisation.iterations, "seconds": round(result.optimisation.seconds, 2),
-            "final_loss_nat": _last(result.optimisation.history.get("loss_nat")),
-            "final_loss_rob": _last(result.optimisation.history.get("loss_rob")),
-            "noise_target": result.optimisation.target,
-            "collapse_probe": result.optimisation.probe.to_dict() if result.optimisation.probe else None,
-            "renormalised_layers": sorted(result.optimisation.centres),
-        },
+        "stages": list(result.stages),
+        "masks_source": result.masks_source,
+        "optimisation": _optimisation(result),
         "preprocessing": result.preprocessing.to_dict(),
         "conversion_parity_max_abs_diff": result.parity,
         "export_max_abs_diff": result.export.max_abs_diff,
         "changed_initializers": result.export.changed_initializers,
         "neurons": {
             "total": int(all_masks.size), "masks_at_zero": int((all_masks == 0).sum()),
-            "masks_below_0.2": int((all_masks <= 0.2).sum()),
+            "masks_below_0.2": int((all_masks <= REFERENCE_THRESHOLD).sum()),
             "layers": [{**layers[n].to_dict(), "pruned": int(len(result.plan.pruned.get(n, ())))} for n in result.masks],
         },
         "pruning": {**result.plan.to_dict(), "description": result.plan.spec.describe()},
         "curve": result.curve.to_dict() if result.curve is not None else None,
         "held_out_clean": {"before": _eval(result.holdout_before), "after": _eval(result.holdout_after)},
         "test": {"before": _eval(result.before), "after": _eval(result.after)},
+    }
+
+
+def _optimisation(result: RepairResult) -> dict:
+    settings = result.config.to_dict() if result.config is not None else None
+    opt = result.optimisation
+    if opt is None:
+        return {"settings": settings, "stage": None, "source": result.masks_source}
+    return {
+        "settings": settings, "stage": opt.stage, "device": opt.device,
+        "iterations": opt.iterations, "seconds": round(opt.seconds, 2),
+        "final_loss_nat": _last(opt.history.get("loss_nat")),
+        "final_loss_rob": _last(opt.history.get("loss_rob")),
+        "noise_target": opt.target,
+        "collapse_probe": opt.probe.to_dict() if opt.probe else None,
+        "renormalised_layers": sorted(opt.centres),
     }
 
 
@@ -82,7 +91,7 @@ def _figure():
     return fig
 
 
-def plot_curve(result: "RepairResult", path: Path) -> None:
+def plot_curve(result: RepairResult, path: Path) -> None:
     """Clean accuracy (and ASR when measured) against neurons pruned, the choice marked."""
     curve = result.curve
     fig = _figure()
@@ -109,7 +118,7 @@ def plot_curve(result: "RepairResult", path: Path) -> None:
     fig.savefig(path)
 
 
-def plot_masks(result: "RepairResult", path: Path) -> None:
+def plot_masks(result: RepairResult, path: Path) -> None:
     """Histogram of the learnt mask values."""
     values = np.concatenate([np.asarray(v) for v in result.masks.values()])
     fig = _figure()
@@ -127,20 +136,26 @@ def _pct(v: Optional[float]) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
+def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
     lines = [f"# anp-onnx repair report: `{Path(result.output).name}`", ""]
-    lines += [f"anp-onnx {__version__}; ANP {result.optimisation.iterations} iterations on "
-              f"{result.optimisation.device} in {result.optimisation.seconds:.1f} s (total {result.seconds:.1f} s).", ""]
-    lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
     opt = result.optimisation
-    if opt.centres:
+    if opt is not None:
+        lines += [f"anp-onnx {__version__}; ANP {opt.iterations} iterations on "
+                  f"{opt.device} in {opt.seconds:.1f} s (total {result.seconds:.1f} s).", ""]
+    else:
+        lines += [f"anp-onnx {__version__}; masks {result.masks_source} (total {result.seconds:.1f} s).", ""]
+    lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
+    if result.stages:
+        lines += ["Stages run: " + " -> ".join(result.stages) + ".", ""]
+    if opt is not None and opt.centres:
         lines += [f"{len(opt.centres)} neuron layers without normalisation (BatchNorm folded away or absent) were "
                   "renormalised: perturbed as BatchNorm channels with clean-data statistics; their pruned "
                   "neurons output their clean mean.", ""]
-    if opt.probe is not None:
+    if opt is not None and opt.probe is not None:
         lines += [f"Collapse probe (clean images only): {opt.probe.describe()}.", ""]
-    lines += ["ANP neuron noise: " + (f"targeted at class {opt.target}." if opt.target is not None
-                                      else "untargeted (the reference's)."), ""]
+    if opt is not None:
+        lines += ["ANP neuron noise: " + (f"targeted at class {opt.target}." if opt.target is not None
+                                          else "untargeted (the reference's)."), ""]
     rows = [("held-out clean accuracy", result.holdout_before, result.holdout_after, "accuracy"),
             ("test accuracy", result.before, result.after, "accuracy"),
             ("attack success rate", result.before, result.after, "asr")]
@@ -162,7 +177,8 @@ def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
                      if c.signal_gone is not None else "") + ".", "",
                   f"![pruning curve]({paths['curve'].name})", ""]
     lines += ["## Mask values", "", f"![mask histogram]({paths['masks'].name})", "",
-              f"{data['neurons']['masks_at_zero']} masks at 0, {data['neurons']['masks_below_0.2']} at or below 0.2.", ""]
+              f"{data['neurons']['masks_at_zero']} masks at 0, {data['neurons']['masks_below_0.2']} at or below "
+              f"{REFERENCE_THRESHOLD:g}.", ""]
     lines += ["## Neurons pruned per layer", "", "| layer | kind | neurons | pruned |", "|---|---|---:|---:|"]
     lines += [f"| `{layer['name']}` | {layer['kind']} | {layer['size']} | {layer['pruned']} |"
               for layer in data["neurons"]["layers"]]
@@ -172,7 +188,7 @@ def markdown(result: "RepairResult", data: dict, paths: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: "RepairResult") -> list[Path]:
+def write_report(result: RepairResult) -> list[Path]:
     """Write the JSON report, the Markdown page and its plots beside the output model."""
     paths = report_paths(result.output)
     data = report_dict(result)

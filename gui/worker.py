@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from PySide6.QtCore import QObject, QThread, Signal
 
 from anp_onnx import AnpOnnxError, CancelToken, ProgressEvent
-from anp_onnx.errors import Cancelled
+from anp_onnx import Cancelled
 
 Job = Callable[[Callable[[ProgressEvent], None], CancelToken], Any]
 

@@ -59,11 +59,26 @@ def test_masks_in_unit_interval_and_only_masks_change(rep):
     assert len(result.history["loss_nat"]) == FAST["iterations"]
 
 
+def _differs(a, b) -> bool:
+    return any(not np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_eps_zero_and_eval_mode_and_projection_run(rep):
-    for cfg in (ANPConfig(eps=0.0, **FAST), ANPConfig(bn_mode="eval", **FAST),
-                ANPConfig(project_noise=True, steps=2, **FAST), ANPConfig(augment=False, **FAST)):
-        masks = rep.optimize(random_images(32), cfg).masks
-        assert set(masks) == {layer.name for layer in rep.layers}
+    data = random_images(32)
+    base = dict(FAST, target=None, mask_lr=2.0)
+    default = rep.optimize(data, ANPConfig(**base)).masks
+    for change in (dict(eps=0.0), dict(bn_mode="eval"), dict(augment=False)):
+        result = rep.optimize(data, ANPConfig(**base, **change))
+        assert set(result.masks) == {layer.name for layer in rep.layers}
+        values = np.concatenate(list(result.masks.values()))
+        assert values.min() >= 0 and values.max() <= 1
+        assert _differs(result.masks, default), f"{change} changed nothing"
+    # no perturbation at all with eps 0: the robust loss is never computed
+    assert rep.optimize(data, ANPConfig(**base, eps=0.0)).history["loss_rob"] == [0.0] * FAST["iterations"]
+    # projection keeps two noise steps within the budget, which changes the masks
+    two = rep.optimize(data, ANPConfig(**base, steps=2)).masks
+    projected = rep.optimize(data, ANPConfig(**base, steps=2, project_noise=True)).masks
+    assert _differs(projected, two)
 
 
 def test_progress_events_and_cancel(rep):

@@ -11,7 +11,7 @@ import torch
 import anp_onnx
 from anp_onnx import ANPConfig, Repairer
 from anp_onnx.collapse import CollapseProbe, find_target, probe_collapse, probe_pull, probe_supported
-from anp_onnx.anp import calibrate
+from anp_onnx.calibrate import calibrate
 from anp_onnx.errors import SettingsError
 from builders import synthetic_images, train_backdoored
 

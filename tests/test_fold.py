@@ -1,4 +1,4 @@
-"""Tests for folding a pruning plan into the original ONNX model and writing it (anp_onnx.fold, Repairer.export)."""
+"""Tests for folding a pruning plan into the original ONNX model and writing it (anp_onnx.writeback, anp_onnx.export, Repairer.export)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from anp_onnx import PruneSpec, Repairer
 from anp_onnx.convert import torch_logits
 from anp_onnx.data import ImageSet
 from anp_onnx.errors import DataError, OutputError
-from anp_onnx.prune import file_sha256
+from anp_onnx.masks_io import file_sha256
 from builders import random_images, tiny_model, torch_with_plan
 
 USER_METADATA = [("author", "alice"), ("license", "MIT")]

@@ -10,17 +10,8 @@ import pytest
 
 from anp_onnx.errors import DataError, SettingsError
 from anp_onnx.neurons import NeuronLayer
-from anp_onnx.prune import (
-    MASKS_FORMAT,
-    PrunePlan,
-    PruneSpec,
-    load_masks,
-    match_masks,
-    plan_pruning,
-    rank_neurons,
-    save_mask_values_txt,
-    save_masks_json,
-)
+from anp_onnx.masks_io import MASKS_FORMAT, load_masks, save_mask_values_txt, save_masks_json
+from anp_onnx.prune import PrunePlan, PruneSpec, match_masks, plan_pruning, rank_neurons
 
 
 def _layer(name: str, size: int) -> NeuronLayer:

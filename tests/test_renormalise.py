@@ -14,10 +14,11 @@ import torch
 from onnx import helper
 
 from anp_onnx import ANPConfig, Repairer, prune
-from anp_onnx.anp import calibrate
+from anp_onnx.calibrate import calibrate
 from anp_onnx.collapse import probe_supported
 from anp_onnx.neurons.conv import PerturbedConv
-from anp_onnx.prune import PruneSpec, load_masks
+from anp_onnx.masks_io import load_masks
+from anp_onnx.prune import PruneSpec
 from builders import initializer, ort_on, random_images, tiny_model, torch_with_plan
 from test_affine_neurons import nhwc_model
 from test_conv_neurons import _masks_for, _rng_tensor, _save, mixed_model

@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import argparse
 
-from .. import DEFAULT_HOLDOUT, ANPConfig, AnpOnnxError, Preprocessing, PruneSpec
-# not exported at the package root (yet): the one place the CLI reaches into submodules
-from ..anp import CPU_ITERATIONS, REFERENCE_ITERATIONS
-from ..curve import DEFAULT_MAX_DROP, DEFAULT_SIGNAL_MAX_DROP
-from ..data import PRESETS
-from ..errors import Cancelled
+from .. import (
+    CPU_ITERATIONS, DEFAULT_HOLDOUT, DEFAULT_MAX_DROP, DEFAULT_SIGNAL_MAX_DROP, PRESETS, REFERENCE_ITERATIONS,
+    REFERENCE_THRESHOLD, ANPConfig, AnpOnnxError, Cancelled, Preprocessing, PruneSpec,
+)
 
 __all__ = ["PROG", "REFERENCE_THRESHOLD", "DEFAULT_HOLDOUT", "Cancelled", "Parser", "model_options",
            "neuron_options", "pruning_options", "renormalise_option", "anp_options", "holdout", "_spec",
            "_config"]
 
 PROG = "anp-onnx"
-#: The reference code's pruning threshold (prune every neuron with mask <= 0.2).
-REFERENCE_THRESHOLD = 0.2
 
 
 class Parser(argparse.ArgumentParser):

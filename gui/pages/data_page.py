@@ -11,8 +11,7 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
-from anp_onnx.api import DEFAULT_HOLDOUT
-from anp_onnx.data import PRESETS
+from anp_onnx import DEFAULT_HOLDOUT, PRESETS
 
 from .base import Page, esc, rich
 from .widgets import PathRow, ThumbnailStrip

@@ -12,8 +12,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
 import anp_onnx
-from anp_onnx.api import RepairResult, default_masks_path, mask_values_path
-from anp_onnx.report import report_paths, write_report
+from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths, write_report
 
 from ..dialogs import confirm
 from .base import Page, esc, pct, rich

@@ -12,7 +12,7 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
-from anp_onnx.errors import ConversionError
+from anp_onnx import ConversionError
 
 from .base import Page, bullet_list, esc, rich
 

@@ -10,7 +10,7 @@ from PySide6.QtWidgets import (
 
 import anp_onnx
 from anp_onnx import PruneSpec
-from anp_onnx.prune import rank_neurons
+from anp_onnx import rank_neurons
 
 from ..plots import PruningCurvePlot
 from .base import Page, esc, pct, rich

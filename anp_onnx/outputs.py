@@ -1,78 +1,23 @@
-"""Folding a pruning decision back into the ORIGINAL ONNX model, and writing it safely.
+"""Writing output files safely: paths checked up front, temporary files, verified, then moved.
 
-The repaired model is the user's model with only the pruned channels' initializer values changed:
-same nodes, node names, inputs and outputs, opset, IR version and producer. Tensors the original
-kept in external data go to an external data file next to the output (``<output>.data``), the rest
-stay inline. ``metadata_props`` gain ``anp_onnx.*`` entries recording what was done. Files are
-written to a temporary folder beside the target and moved into place, so a failure leaves nothing
-half-written.
+Tensors the original kept in external data go to an external data file next to the output
+(``<output>.data``), the rest stay inline. Files are written to a temporary folder beside the
+target and moved into place only once verified, so a failure leaves nothing half-written.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import onnx
 from onnx.external_data_helper import set_external_data
 
 from .errors import ModelError, OutputError
-from .graph import InitializerEditor
-from .neurons import NeuronLayer, get_kind
-from .prune import PrunePlan
-
-_LOGGER = logging.getLogger(__name__)
-METADATA_PREFIX = "anp_onnx."
-
-
-def fold_plan(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: PrunePlan,
-              metadata: Optional[Mapping[str, object]] = None,
-              centres: Optional[Mapping[str, np.ndarray]] = None) -> tuple[onnx.ModelProto, InitializerEditor]:
-    """A copy of ``model`` with ``plan`` folded in, and the editor that knows what changed.
-
-    ``centres`` (layer name -> clean mean per neuron) are the renormalised layers' (see
-    ``ANPConfig.renormalise``): their pruned neurons are written to output that mean.
-    """
-    out = copy.deepcopy(model)
-    editor = InitializerEditor(out)
-    centres = centres or {}
-    for layer in layers:
-        idx = np.asarray(plan.pruned.get(layer.name, ()), dtype=np.int64)
-        if idx.size:
-            get_kind(layer.kind).write_back(layer, idx, editor, centres.get(layer.name))
-    set_metadata(out, metadata or {})
-    return out, editor
-
-
-def set_metadata(model: onnx.ModelProto, entries: Mapping[str, object]) -> None:
-    """Replace ``anp_onnx.<key>`` metadata entries (JSON values); other entries are kept."""
-    keep = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in entries.items():
-        prop = model.metadata_props.add()
-        prop.key = METADATA_PREFIX + key
-        prop.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
-    """The ``anp_onnx.*`` metadata of a model, JSON-decoded where possible."""
-    out: dict[str, object] = {}
-    for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
-            try:
-                out[p.key[len(METADATA_PREFIX):]] = json.loads(p.value)
-            except ValueError:
-                out[p.key[len(METADATA_PREFIX):]] = p.value
-    return out
-
 
 def check_output_path(out: os.PathLike | str, source: Optional[os.PathLike | str], overwrite: bool) -> Path:
     """Refuse an output equal to the input, in a missing folder, or existing without ``overwrite``."""

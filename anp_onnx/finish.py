@@ -1,0 +1,131 @@
+"""The pipeline's tail, shared by :func:`anp_onnx.repair`, the CLI and the desktop app.
+
+:func:`finish` takes a chosen pruning plan and does everything after it: write back and verify
+(:mod:`anp_onnx.export`), save the masks (:mod:`anp_onnx.masks_io`), measure the original and the
+repaired file in onnxruntime on the test and held-out sets (:mod:`anp_onnx.evaluate`), and write
+the report (:mod:`anp_onnx.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .anp import MaskResult
+from .calibrate import current_centres
+from .context import RepairContext
+from .curve import PruningCurve
+from .data import ImageSet
+from .evaluate import EvalResult, evaluate
+from .export import export
+from .masks_io import mask_values_path, save_mask_values_txt, save_masks_json
+from .model import load_model
+from .progress import CancelToken, ProgressCallback
+from .prune import PrunePlan
+from .report import write_report
+from .results import RepairResult
+from .stages import RefinementResult, get_refinement
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Images the repair is measured on (never used to decide what to prune).
+
+    ``test`` clean test images and ``poisoned`` their triggered copies (true labels) give ACC/ASR
+    before and after; ``target`` is the attack's class (None: inferred from the original model's
+    predictions on ``poisoned``); ``holdout`` is the held-out part of the clean data. ``before``
+    is the original model's score on test/poisoned when it was already measured.
+    """
+
+    test: Optional[ImageSet] = None
+    poisoned: Optional[ImageSet] = None
+    target: Optional[int] = None
+    holdout: Optional[ImageSet] = None
+    before: Optional[EvalResult] = None
+
+
+def save_masks(ctx: RepairContext, masks: Mapping[str, np.ndarray], path: Path,
+               facts: Optional[Mapping[str, object]] = None,
+               mean_masks: Optional[Mapping[str, np.ndarray]] = None) -> list[Path]:
+    """Masks as JSON at ``path`` (with the renormalised layers' centres) and as mask_values.txt beside it."""
+    save_masks_json(path, masks, ctx.layers, facts, mean_masks, current_centres(ctx.modules))
+    txt = mask_values_path(path)
+    save_mask_values_txt(txt, masks)
+    return [path, txt]
+
+
+def refine(ctx: RepairContext, plan: PrunePlan, clean: ImageSet, names: Sequence[str], *,
+           progress: Optional[ProgressCallback] = None,
+           cancel: Optional[CancelToken] = None) -> tuple[dict[str, np.ndarray], list[RefinementResult]]:
+    """Run the refinements ``names`` (registered, see :mod:`anp_onnx.stages`) on the pruned model, in order.
+
+    Returns the initializers to write (later refinements win) and each refinement's result.
+    """
+    initializers: dict[str, np.ndarray] = {}
+    results = []
+    for name in names:
+        stage = get_refinement(name)
+        with ctx.pruned(plan):
+            results.append(stage.run(ctx, plan, clean, progress=progress, cancel=cancel))
+        initializers.update(results[-1].initializers)
+    return initializers, results
+
+
+def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray], out: Path, *,
+           optimisation: Optional[MaskResult] = None, config: Any = None, curve: Optional[PruningCurve] = None,
+           evaluation: Evaluation = Evaluation(), verify_images: Optional[ImageSet] = None,
+           masks_path: Optional[Path] = None, report: bool = True, overwrite: bool = False,
+           model_facts: Optional[Mapping[str, object]] = None, metadata: Optional[Mapping[str, object]] = None,
+           parity: Optional[float] = None, stages: tuple[str, ...] = (), masks_source: str = "learnt in this run",
+           initializers: Optional[Mapping[str, np.ndarray]] = None, replace_input: bool = False,
+           started: Optional[float] = None) -> RepairResult:
+    """Write the repaired model for ``plan``, its masks (unless ``masks_path`` is None) and report.
+
+    ``optimisation`` is the mask stage's result when the masks were learnt in this run;
+    ``model_facts`` (path, sha256 of the input) go into the masks file and the model's metadata;
+    ``initializers`` are the refinements' new weights (see :func:`refine`); ``replace_input`` lets
+    ``out`` be the input model (see :func:`anp_onnx.export.export`).
+    """
+    start = started if started is not None else time.perf_counter()
+    facts = dict(model_facts or {})
+    meta = dict(metadata or {})
+    if config is not None:
+        meta.setdefault("anp", config.to_dict())
+    result = export(ctx, plan, out, overwrite=overwrite, verify_images=verify_images, metadata=meta,
+                    source_sha256=facts.get("sha256"), initializers=initializers, replace_input=replace_input)
+    files = list(result.files)
+    if masks_path is not None:
+        extra: dict[str, object] = {"model": facts, "preprocessing": ctx.preprocessing.to_dict(),
+                                    "masks": masks_source}
+        if config is not None:
+            extra["config"] = config.to_dict()
+        if optimisation is not None:
+            extra["suspected_target"] = optimisation.target
+            extra["probe"] = optimisation.probe.to_dict() if optimisation.probe else None
+        files += save_masks(ctx, masks, masks_path, extra,
+                            optimisation.mean_masks if optimisation is not None else None)
+    ev = evaluation
+    before = after = holdout_before = holdout_after = None
+    if ev.test is not None or ev.poisoned is not None or ev.holdout is not None:
+        written = load_model(out, layout=ctx.model.input.layout)
+        if ev.test is not None or ev.poisoned is not None:
+            before = ev.before or evaluate(ctx.model, ev.test, ctx.preprocessing, poisoned=ev.poisoned,
+                                           target=ev.target)
+            after = evaluate(written, ev.test, ctx.preprocessing, poisoned=ev.poisoned, target=before.target)
+        if ev.holdout is not None:
+            holdout_before = evaluate(ctx.model, ev.holdout, ctx.preprocessing)
+            holdout_after = evaluate(written, ev.holdout, ctx.preprocessing)
+    repaired = RepairResult(out, dict(masks), plan, ctx.layers, config, ctx.preprocessing, optimisation, result,
+                            parity, before, after, holdout_before, holdout_after, files,
+                            time.perf_counter() - start, curve, list(stages) + ["write-back", "verify"],
+                            masks_source)
+    if before is not None or holdout_before is not None:
+        repaired.stages.append("evaluate")
+    if report:
+        repaired.stages.append("report")
+        repaired.files += write_report(repaired)
+    return repaired

@@ -1,0 +1,140 @@
+"""Mask files: the masks JSON (with each layer's ONNX mapping, tie-breakers and renormalisation
+statistics) and the reference code's mask_values.txt.
+
+A masks file lets ``anp-onnx prune`` (and the desktop app's "load masks") write the same model
+again without re-optimising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from .errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .neurons import NeuronLayer
+
+MASKS_FORMAT = "anp-onnx-masks"
+
+
+def default_masks_path(out: os.PathLike | str) -> Path:
+    """The masks JSON written beside a repaired model ``out``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".onnx") + ".masks.json")
+
+
+def mask_values_path(masks_json: os.PathLike | str) -> Path:
+    """The reference-format mask_values.txt written beside a masks JSON."""
+    p = Path(masks_json)
+    return p.with_name(p.name.removesuffix(".json").removesuffix(".masks") + ".mask_values.txt")
+
+
+def file_sha256(path: os.PathLike | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], layers: Sequence["NeuronLayer"],
+                    extra: Optional[Mapping[str, Any]] = None,
+                    mean_masks: Optional[Mapping[str, np.ndarray]] = None,
+                    centres: Optional[Mapping[str, tuple[np.ndarray, np.ndarray]]] = None) -> None:
+    """Write masks with their layers' ONNX mapping (and ``extra`` facts: model hash, settings).
+
+    ``mean_masks`` (each mask's mean over the optimisation) are stored too: they break ties; so are
+    the renormalised layers' ``centres`` (clean mean and spread per neuron): folding needs them.
+    """
+    by_name = {layer.name: layer for layer in layers}
+
+    def entry(name: str, values: np.ndarray) -> dict:
+        out = {**by_name[name].to_dict(), "mask": [round(float(v), 6) for v in values]}
+        if mean_masks is not None and name in mean_masks:
+            out["mean_mask"] = [round(float(v), 6) for v in mean_masks[name]]
+        if centres and name in centres:
+            out["centre"] = [float(v) for v in np.asarray(centres[name][0], dtype=np.float32)]
+            out["spread"] = [float(v) for v in np.asarray(centres[name][1], dtype=np.float32)]
+        return out
+
+    doc = {
+        "format": MASKS_FORMAT, "version": 1, **(dict(extra) if extra else {}),
+        "layers": [entry(name, values) for name, values in masks.items()],
+    }
+    _write_text(path, json.dumps(doc, indent=1))
+
+
+def save_mask_values_txt(path: os.PathLike | str, masks: Mapping[str, np.ndarray]) -> None:
+    """The reference code's mask_values.txt (tab separated, 4 decimals, one row per neuron)."""
+    lines = ["No \t Layer Name \t Neuron Idx \t Mask Score \n"]
+    row = 0
+    for name, values in masks.items():
+        for i, v in enumerate(values):
+            lines.append(f"{row} \t {name} \t {i} \t {float(v):.4f} \n")
+            row += 1
+    _write_text(path, "".join(lines))
+
+
+def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Masks from a masks JSON written by anp-onnx or a reference mask_values.txt; and the JSON's facts.
+
+    The facts include ``mean_masks`` (the tie-breakers) and ``centres`` (renormalised layers' clean
+    mean and spread) when the file has them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such masks file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("{"):
+        try:
+            doc = json.loads(text)
+            masks = {layer["name"]: np.asarray(layer["mask"], dtype=np.float32) for layer in doc["layers"]}
+            means = {layer["name"]: np.asarray(layer["mean_mask"], dtype=np.float32)
+                     for layer in doc["layers"] if "mean_mask" in layer}
+            centres = {layer["name"]: (np.asarray(layer["centre"], dtype=np.float32),
+                                       np.asarray(layer["spread"], dtype=np.float32))
+                       for layer in doc["layers"] if "centre" in layer}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
+        facts = {k: v for k, v in doc.items() if k != "layers"}
+        if means:
+            facts["mean_masks"] = means
+        if centres:
+            facts["centres"] = centres
+        return masks, facts
+    return _load_txt(path, text), {}
+
+
+def _load_txt(path: Path, text: str) -> dict[str, np.ndarray]:
+    rows: dict[str, dict[int, float]] = {}
+    for n, line in enumerate(text.splitlines()[1:], start=2):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split("\t")]
+        try:
+            _, name, idx, value = parts[:4]
+            rows.setdefault(name, {})[int(idx)] = float(value)
+        except ValueError:
+            raise DataError(f"{path}:{n}: expected 'No, Layer Name, Neuron Idx, Mask Score' columns") from None
+    if not rows:
+        raise DataError(f"{path}: no mask values found")
+    out = {}
+    for name, values in rows.items():
+        if sorted(values) != list(range(len(values))):
+            raise DataError(f"{path}: layer {name} has missing neuron indices")
+        out[name] = np.array([values[i] for i in range(len(values))], dtype=np.float32)
+    return out
+
+
+
+def _write_text(path: os.PathLike | str, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

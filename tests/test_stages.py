@@ -1,0 +1,136 @@
+"""Pluggable stages: a second mask stage and a refinement, each one class plus one registration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import anp_onnx
+from anp_onnx.anp import MaskResult
+from anp_onnx.errors import ModelError, SettingsError
+from anp_onnx.stages import (
+    MaskStage, Refinement, RefinementResult, mask_stage_for, mask_stages, register_mask_stage, register_refinement,
+    unregister,
+)
+from builders import initializer, ort_on, random_images, tiny_model
+
+
+@dataclass(frozen=True)
+class RandomScores:
+    """Settings of the test's stage: a random score per neuron (the usual control for a ranking)."""
+
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed}
+
+
+class RandomStage(MaskStage):
+    name = "random-test"
+    description = "random neuron scores (test)"
+    config_type = RandomScores
+
+    def run(self, ctx, clean, config, *, target, progress=None, cancel=None) -> MaskResult:
+        rng = np.random.default_rng(config.seed)
+        masks = {name: rng.random(m.neuron_mask.numel()).astype(np.float32) for name, m in ctx.modules.items()}
+        return MaskResult(masks, 0, 0.0, "cpu")
+
+
+class ClassifierBias(Refinement):
+    """Adds 0.25 to the classifier's bias in torch and says so in the initializers (consistent)."""
+
+    name = "bias-test"
+    description = "shift the classifier bias (test)"
+    honest = True
+
+    def run(self, ctx, plan, clean, *, progress=None, cancel=None) -> RefinementResult:
+        gemm = next(n for n in ctx.model.proto.graph.node if n.op_type == "Gemm")
+        linear = ctx.module_for(gemm.output[0])
+        with torch.no_grad():
+            linear.bias += 0.25
+        values = {gemm.input[2]: linear.bias.detach().numpy().copy()} if self.honest else {}
+        return RefinementResult(values, {"shift": 0.25})
+
+
+class HiddenChange(ClassifierBias):
+    """Changes torch but returns nothing: the export must refuse the inconsistent file."""
+
+    name = "hidden-test"
+    honest = False
+
+
+@pytest.fixture()
+def registered():
+    for cls in (RandomStage, ClassifierBias, HiddenChange):
+        (register_mask_stage if issubclass(cls, MaskStage) else register_refinement)(cls)
+    yield
+    for cls in (RandomStage, ClassifierBias, HiddenChange):
+        unregister(cls.name)
+
+
+def test_the_settings_type_selects_the_stage(registered):
+    assert mask_stage_for(anp_onnx.ANPConfig()).name == "anp"
+    assert mask_stage_for(RandomScores()).name == "random-test"
+    assert {"anp", "random-test"} <= set(mask_stages())
+    with pytest.raises(SettingsError, match="no mask stage"):
+        mask_stage_for(object())
+    with pytest.raises(ValueError, match="registered"):
+        register_mask_stage(RandomStage)
+
+
+def test_a_new_mask_stage_runs_the_whole_pipeline(registered, tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(60)
+    result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(seed=3),
+                             pruning=anp_onnx.PruneSpec.count(5), holdout=0)
+    scores = RandomStage().run(anp_onnx.Repairer.open(model).ctx, data, RandomScores(seed=3), target=None).masks
+    lowest = sorted((v, name, i) for name, vals in scores.items() for i, v in enumerate(vals))[:5]
+    assert sorted((n, i) for _, n, i in lowest) == sorted((n, i) for n, idx in result.pruned.items() for i in idx)
+    assert result.optimisation.stage == "random-test" and result.optimisation.probe is None
+    assert result.stages[:4] == ["convert", "parity", "random-test", "rank"]
+    assert "report" in result.stages
+    report = (tmp_path / "r.report.json").read_text()
+    assert '"random-test"' in report and '"seed": 3' in report
+
+
+def test_a_refinement_is_written_back_and_verified(registered, tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(60)
+    spec = anp_onnx.PruneSpec.count(3)
+    plain = anp_onnx.repair(model, data, out=tmp_path / "plain.onnx", config=RandomScores(), pruning=spec,
+                            holdout=0, report=False)
+    refined = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(), pruning=spec,
+                              holdout=0, report=False, refinements=["bias-test"])
+    gemm = next(n for n in onnx.load(model).graph.node if n.op_type == "Gemm")
+    before = initializer(onnx.load(tmp_path / "plain.onnx"), gemm.input[2])
+    after = initializer(onnx.load(tmp_path / "r.onnx"), gemm.input[2])
+    np.testing.assert_allclose(after, before + 0.25, rtol=0, atol=1e-6)
+    assert gemm.input[2] in refined.export.changed_initializers
+    assert refined.stages[-4:] == ["rank", "bias-test", "write-back", "verify"]
+    # the logits move by exactly the shift, in onnxruntime
+    x = data.x[:8]
+    np.testing.assert_allclose(ort_on(tmp_path / "r.onnx", x), ort_on(tmp_path / "plain.onnx", x) + 0.25, atol=1e-5)
+
+
+def test_an_inconsistent_refinement_writes_nothing(registered, tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    with pytest.raises(ModelError, match="verification failed"):
+        anp_onnx.repair(model, random_images(60), out=tmp_path / "r.onnx", config=RandomScores(),
+                        pruning=anp_onnx.PruneSpec.count(3), holdout=0, refinements=["hidden-test"])
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_an_unknown_refinement_fails_before_any_work(tmp_path, monkeypatch):
+    model = tiny_model(tmp_path / "m.onnx")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was opened before the settings were checked")
+
+    monkeypatch.setattr(anp_onnx.api, "open_context", no_work)
+    with pytest.raises(SettingsError, match="unknown refinement"):
+        anp_onnx.repair(model, random_images(60), out=tmp_path / "r.onnx", refinements=["nope"])
+    assert not (tmp_path / "r.onnx").exists()
