@@ -53,3 +53,18 @@ def test_a_chain_that_loses_a_value_is_refused():
     broken = _softmax_model()
     del broken.graph.node[0]  # already broken: left for the converter to report
     assert run_passes(broken, [unique_node_names])[1] == ["unique_node_names"]
+
+
+def test_explicit_padding_touches_only_conv_and_pools():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    w = helper.make_tensor("w", TensorProto.FLOAT, [2, 2, 3, 3], [0.1] * 36)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", auto_pad="SAME_UPPER", strides=[2, 2]),
+             helper.make_node("ConvTranspose", ["c", "w"], ["y"], name="up", auto_pad="SAME_UPPER", strides=[2, 2])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 13)])
+    out, modified = explicit_auto_pad(model)
+    assert modified
+    conv, up = out.graph.node
+    assert {a.name: helper.get_attribute_value(a) for a in conv.attribute}["pads"] == [0, 0, 1, 1]
+    assert "pads" not in {a.name for a in up.attribute}
+    assert helper.get_attribute_value(next(a for a in up.attribute if a.name == "auto_pad")) == b"SAME_UPPER"

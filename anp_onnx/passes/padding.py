@@ -34,6 +34,8 @@ def explicit_auto_pad(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     inits = {t.name: list(t.dims) for t in out.graph.initializer}
     changed = False
     for node in out.graph.node:
+        if node.op_type not in _OPS:  # ConvTranspose/LpPool pad differently: left to the converter
+            continue
         attrs = {a.name: a for a in node.attribute}
         mode = attrs.get("auto_pad")
         if mode is None or mode.s in (b"NOTSET", b""):
