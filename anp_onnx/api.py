@@ -198,6 +198,7 @@ class Repairer:
                save_masks: bool = True, **kwargs) -> RepairResult:
         """Export ``plan``, save the masks beside it, evaluate before/after and write the report
         (see :func:`anp_onnx.finish.finish` for the keyword arguments)."""
+        kwargs.setdefault("stages", tuple(stages_ran(self.parity, kwargs.get("optimisation"), kwargs.get("curve"))))
         replacing = kwargs.get("replace_input", False)
         overwrite = kwargs.get("overwrite", False) or replacing
         out = check_output_path(out, None if replacing else self.model.path, overwrite)
@@ -214,6 +215,16 @@ class Repairer:
         return ModelInfo(m.path, m.input, m.num_classes, m.opset, m.ir_version,
                          f"{m.proto.producer_name} {m.proto.producer_version}".strip(), self.neurons,
                          self.parity, m.notes + self.neurons.notes, read_metadata(m.proto))
+
+
+def stages_ran(parity: Optional[float], optimisation: Optional[MaskResult],
+               curve: Optional[PruningCurve]) -> list[str]:
+    """The stages before the write-back that produced these results, in pipeline order."""
+    stages = ["convert"] + (["parity"] if parity is not None else [])
+    if optimisation is not None:
+        stages += (["calibrate"] if optimisation.centres else []) + (["probe"] if optimisation.probe else [])
+        stages.append(optimisation.stage)
+    return stages + ["rank"] + (["curve"] if curve is not None else [])
 
 
 def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
@@ -309,8 +320,6 @@ def repair(
     if before is not None and target is None:
         target = before.target
     result = rep.optimize(clean, config, progress=progress, cancel=cancel)
-    stages = ["convert", "parity"] + (["calibrate"] if result.centres else []) + \
-        (["probe"] if result.probe is not None else []) + [result.stage, "rank"]
     curve = None
     if val is not None or isinstance(pruning, AutoPrune):
         settings = CurveSettings(pruning.value if isinstance(pruning, AutoPrune) else CurveSettings.max_drop,
@@ -320,11 +329,10 @@ def repair(
             target=target, max_drop=settings.max_drop, suspected_target=result.target, signal_data=clean,
             signal_max_drop=settings.signal_max_drop, device=getattr(config, "device", "cpu"),
             progress=progress, cancel=cancel)
-        stages.append("curve")
     plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
     initializers, _ = refine(rep.ctx, plan, clean, refinements, progress=progress, cancel=cancel)
-    stages += list(refinements)
+    stages = stages_ran(diff, result, curve) + list(refinements)
     return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
                   masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),

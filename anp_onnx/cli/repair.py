@@ -15,7 +15,7 @@ NAME = "repair"
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(NAME, help="learn ANP masks on clean data, prune, and write the repaired model",
-                              description="Learn ANP masks on clean data, prune the lowest, fold the pruning into "
+                              description="Learn ANP masks on clean data, prune the lowest, write the pruning into "
                                           "a copy of the ONNX model and verify it in onnxruntime.")
     model_options(p)
     p.add_argument("--data", required=True, help="clean images: class folders or .npz (x, y)")
