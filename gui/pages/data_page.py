@@ -112,7 +112,7 @@ class DataPage(Page):
         self.refresh()
 
     def ready(self) -> bool:
-        return self.session.repairer is not None and self.win.model_page.problem == ""
+        return self.session.model_usable
 
     def set_busy(self, busy: bool) -> None:
         for w in self.busy_widgets:

@@ -142,7 +142,7 @@ class ExportPage(Page):
         test, poisoned, target, holdout, verify = s.test, s.poisoned, s.target, s.holdout, s.train
         save_masks, save_report = self.save_masks.isChecked(), self.save_report.isChecked()
         ran = s.mask_result
-        config = self.win.run_page.run_config if ran is not None else None
+        config = s.masks_config if ran is not None else None
         meta = {"data": verify.source} if verify is not None else {}
         if config is not None:
             meta["anp"] = config.to_dict()

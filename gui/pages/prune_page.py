@@ -249,7 +249,7 @@ class PrunePage(Page):
         rep, masks, tiebreak, poisoned, target = s.repairer, s.masks, s.mean_masks, s.poisoned, s.target
         suspected, signal_data = s.suspected_target, s.train
         max_drop = self.budget.value() / 100
-        device = self.win.settings_page.config().device
+        device = s.anp_config.device if s.anp_config is not None else "cpu"
         self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
         self.curve_progress.setRange(0, 0)
 
