@@ -352,3 +352,28 @@ def test_entry_points():
     from gui.app import main
 
     assert callable(main)
+
+
+def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files, tmp_path):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    layers = win.session.info.neurons.layers
+    masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
+    win.run_page.use_masks(masks, "test masks")
+    saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
+    win.run_page.load_masks(str(saved[0]))
+    assert win.session.mask_result is None and win.session.masks_config is None
+    win.prune_page.set_spec(anp_onnx.PruneSpec.threshold(anp_onnx.REFERENCE_THRESHOLD))
+    win.go_to("export")
+    out = work / "from_masks.onnx"
+    win.export_page.output.setText(str(out))
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        win.export_page.export()
+    assert exported.args == ["done"]
+    report = (work / "from_masks.report.md").read_text()
+    assert "masks loaded from m.masks.json" in report and "ANP neuron noise" not in report
+    plan = win.session.plan
+    assert f"{plan.count} of {plan.total} neurons" in report and zero_scales(out) == plan.count
+    assert "from_masks.report.json" in win.export_page.result.text()
+    assert not visible_errors(win)
