@@ -8,6 +8,7 @@ and the rule that the library never imports Qt.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -358,6 +359,8 @@ def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files
     work, model, clean = files
     open_model(qtbot, win, model)
     load_clean(qtbot, win, clean)
+    win.data_page.load("test", str(clean))
+    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
     layers = win.session.info.neurons.layers
     masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
     win.run_page.use_masks(masks, "test masks")
@@ -375,5 +378,8 @@ def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files
     assert "masks loaded from m.masks.json" in report and "ANP neuron noise" not in report
     plan = win.session.plan
     assert f"{plan.count} of {plan.total} neurons" in report and zero_scales(out) == plan.count
-    assert "from_masks.report.json" in win.export_page.result.text()
+    shown = win.export_page.result.text()
+    assert "from_masks.report.json" in shown and "test accuracy" in shown
+    facts = json.loads((work / "from_masks.report.json").read_text())
+    assert facts["conversion_parity_max_abs_diff"] == pytest.approx(win.session.data_parity)
     assert not visible_errors(win)
