@@ -9,7 +9,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QSplitter
 
 import anp_onnx
-from anp_onnx import PruneSpec
+from anp_onnx import REFERENCE_THRESHOLD, PruneSpec
 
 from ..plots import LossPlot, MaskHistogram
 from .base import Page, esc, rich
@@ -187,7 +187,7 @@ class RunPage(Page):
         s.mean_masks = dict(mean_masks) if mean_masks else None
         s.suspected_target = suspected_target
         values = [float(v) for m in masks.values() for v in m]
-        low = sum(v <= 0.2 for v in values)
+        low = sum(v <= REFERENCE_THRESHOLD for v in values)
         seconds = f" in {duration(result.seconds)} on {esc(result.device)}" if result is not None else ""
         probe = ""
         if result is not None and result.probe is not None:
@@ -195,8 +195,8 @@ class RunPage(Page):
         noise = (f" Neuron noise targeted at class {suspected_target}." if suspected_target is not None
                  else " Neuron noise untargeted (the reference's).") if result is not None else ""
         self.result.setText(f"<b>Masks ready</b> ({esc(source)}{seconds}): {low} of {len(values)} neurons have a "
-                            f"mask of 0.2 or less.{probe}{noise} Continue with <b>Prune</b>.")
-        self.mask_plot.show_masks(masks, threshold=0.2)
+                            f"mask of {REFERENCE_THRESHOLD:g} or less.{probe}{noise} Continue with <b>Prune</b>.")
+        self.mask_plot.show_masks(masks, threshold=REFERENCE_THRESHOLD)
         self.win.session_changed()
 
     # -- mask files -----------------------------------------------------------------------------
