@@ -135,26 +135,15 @@ class ExportPage(Page):
         optimisation = s.mask_result
         config = s.masks_config if optimisation is not None else None
         meta = {"data": verify.source} if verify is not None else {}
-        source, stages = s.masks_source, self._stages()
+        source = s.masks_source
 
         def job(progress, cancel):
             return rep.finish(plan, masks, out, save_masks=save_masks, optimisation=optimisation, config=config,
                               curve=curve, evaluation=evaluation, verify_images=verify, report=report,
-                              overwrite=overwrite, metadata=meta, masks_source=source, stages=stages,
+                              overwrite=overwrite, metadata=meta, masks_source=source,
                               replace_input=replace_input)
 
         return job
-
-    def _stages(self) -> tuple[str, ...]:
-        """The stages this session ran before the export (for the report)."""
-        s = self.session
-        result = s.mask_result
-        stages = ["convert", "parity"]
-        if result is not None:
-            stages += (["calibrate"] if result.centres else []) + (["probe"] if result.probe is not None else []) + \
-                [result.stage]
-        stages.append("rank")
-        return tuple(stages + (["curve"] if s.curve is not None else []))
 
     def _done(self, result: RepairResult) -> None:
         self.session.export = result.export
