@@ -65,6 +65,7 @@ class MainWindow(QMainWindow):
             self.stack.addWidget(page)
             self.steps.addItem(QListWidgetItem(page.title))
         self.steps.currentRowChanged.connect(self._step_changed)
+        self.settings_page.configChanged.connect(self.run_page.refresh)
         self.back = QPushButton("← Back", self)
         self.back.setObjectName("backButton")
         self.back.clicked.connect(lambda: self.go(self.steps.currentRow() - 1))
@@ -171,7 +172,7 @@ class MainWindow(QMainWindow):
         self.session.reset_from("model")
         self.session.repairer, self.session.random_parity = rep, parity
         self.session.info = rep.info()
-        self.model_page.problem = problem
+        self.session.conversion_problem = problem
         self.settings.add_recent(rep.model.path)
         self._fill_recent()
         self.data_page.model_opened()

@@ -78,11 +78,17 @@ class Settings:
 
 @dataclass
 class Session:
-    """Everything produced so far for the open model; later steps are reset when an earlier changes."""
+    """Everything produced so far for the open model; later steps are reset when an earlier changes.
+
+    The pages share what they know only through here (and the window's signals): each page writes
+    the facts it produces and reads those of the others. The Settings step's ANP settings
+    (``anp_config``) are not a product of the model and outlive :meth:`reset_from`.
+    """
 
     repairer: Optional[anp_onnx.Repairer] = None
     info: Optional[anp_onnx.ModelInfo] = None
     random_parity: Optional[float] = None
+    conversion_problem: str = ""                   # why the conversion check failed ("" when it passed)
     clean: Optional[anp_onnx.ImageSet] = None      # as loaded
     train: Optional[anp_onnx.ImageSet] = None      # clean minus the held-out part: what ANP sees
     holdout: Optional[anp_onnx.ImageSet] = None
@@ -94,15 +100,29 @@ class Session:
     mean_masks: Optional[dict] = None              # tie-breakers for the neuron ranking
     suspected_target: Optional[int] = None         # from the collapse probe: drives the automatic choice
     mask_result: Optional[anp_onnx.MaskResult] = None
+    masks_config: Optional[ANPConfig] = None       # the resolved settings the masks were learnt with (None: loaded)
     masks_source: str = ""
     curve: Any = None
     curve_where: str = ""
     plan: Optional[anp_onnx.PrunePlan] = None
     export: Optional[anp_onnx.ExportResult] = None
+    anp_config: Optional[ANPConfig] = None         # the Settings step's values; None while they are invalid
+    anp_problem: str = ""                          # why they are invalid
 
     @property
     def model_path(self) -> Optional[Path]:
         return self.repairer.model.path if self.repairer is not None else None
+
+    @property
+    def model_usable(self) -> bool:
+        """A model is open and its conversion check passed: data can be loaded and masks learnt for it."""
+        return self.repairer is not None and not self.conversion_problem
+
+    def run_config(self) -> ANPConfig:
+        """The Settings step's values made concrete for this machine (AnpOnnxError when they are invalid)."""
+        if self.anp_config is None:
+            raise anp_onnx.SettingsError(self.anp_problem or "the ANP settings are not set")
+        return self.anp_config.resolve()
 
     def eval_set(self) -> tuple[Optional[anp_onnx.ImageSet], str]:
         """Clean images to report accuracy before/after on (never used to decide), and their description."""
@@ -124,11 +144,12 @@ class Session:
         level = order.index(step)
         if level <= 0:
             self.repairer = self.info = self.random_parity = None
+            self.conversion_problem = ""
         if level <= 1:
             self.clean = self.train = self.holdout = self.test = self.poisoned = None
             self.target = self.data_parity = None
         if level <= 2:
-            self.masks = self.mean_masks = self.mask_result = self.suspected_target = None
+            self.masks = self.mean_masks = self.mask_result = self.suspected_target = self.masks_config = None
             self.masks_source = ""
             self.curve, self.curve_where = None, ""
         if level <= 3:

@@ -112,7 +112,7 @@ class DataPage(Page):
         self.refresh()
 
     def ready(self) -> bool:
-        return self.session.repairer is not None and self.win.model_page.problem == ""
+        return self.session.model_usable
 
     def set_busy(self, busy: bool) -> None:
         for w in self.busy_widgets:
@@ -195,10 +195,12 @@ class DataPage(Page):
         self.rows[which].edit.setText(path)
         self.settings.remember_folder("data", path)
         try:
-            rep.preprocessing = self.preprocessing()
+            pre = self.preprocessing()
         except anp_onnx.AnpOnnxError as exc:
             self.win.error("Invalid preprocessing", str(exc))
             return
+        if rep.preprocessing != pre:  # setting it forgets the conversion check the export reports
+            rep.preprocessing = pre
 
         def job(progress, cancel):
             images = rep.load_data(path)

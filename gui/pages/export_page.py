@@ -1,31 +1,21 @@
-"""Step 6: write the repaired model (verified in onnxruntime), the masks and the report."""
+"""Step 6: write the repaired model (verified in onnxruntime), the masks and the report.
+
+The work is the library's tail, :meth:`anp_onnx.Repairer.finish`; this page asks where to write,
+confirms before replacing files, and shows the :class:`anp_onnx.RepairResult`.
+"""
 
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
 import anp_onnx
-from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths, write_report
+from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths
 
 from ..dialogs import confirm
 from .base import Page, esc, pct, rich
-
-
-@dataclass
-class ExportOutcome:
-    export: anp_onnx.ExportResult
-    files: list[Path] = field(default_factory=list)
-    before: Optional[anp_onnx.EvalResult] = None
-    after: Optional[anp_onnx.EvalResult] = None
-    holdout_before: Optional[anp_onnx.EvalResult] = None
-    holdout_after: Optional[anp_onnx.EvalResult] = None
 
 
 class ExportPage(Page):
@@ -133,62 +123,36 @@ class ExportPage(Page):
             return
         self.settings.remember_folder("export", out)
         self.result.setText("exporting and verifying…")
-        self.win.runner.start("Export", self._job(out, replace_input, bool(existing), extras),
+        self.win.runner.start("Export", self._job(out, replace_input, bool(existing)),
                               on_success=self._done, on_failure=self._failed)
 
-    def _job(self, out: Path, replace_input: bool, overwrite: bool, extras: list):
+    def _job(self, out: Path, replace_input: bool, overwrite: bool):
+        """Worker job: the library's tail (write back, verify, masks, before/after evaluation, report)."""
         s = self.session
-        rep, plan, masks, mean_masks, curve = s.repairer, s.plan, s.masks, s.mean_masks, s.curve
-        test, poisoned, target, holdout, verify = s.test, s.poisoned, s.target, s.holdout, s.train
-        save_masks, save_report = self.save_masks.isChecked(), self.save_report.isChecked()
-        ran = s.mask_result
-        config = self.win.run_page.run_config if ran is not None else None
+        rep, plan, masks, curve, verify = s.repairer, s.plan, s.masks, s.curve, s.train
+        evaluation = anp_onnx.Evaluation(s.test, s.poisoned, s.target, s.holdout)
+        save_masks, report = self.save_masks.isChecked(), self.save_report.isChecked()
+        optimisation = s.mask_result
+        config = s.masks_config if optimisation is not None else None
         meta = {"data": verify.source} if verify is not None else {}
-        if config is not None:
-            meta["anp"] = config.to_dict()
-        parity = s.data_parity if s.data_parity is not None else s.random_parity
         source = s.masks_source
 
         def job(progress, cancel):
-            start = time.perf_counter()
-            target_path = out.with_name(f".{out.stem}.anp_onnx_tmp.onnx") if replace_input else out
-            result = rep.export(plan, target_path, overwrite=overwrite or replace_input, verify_images=verify,
-                                metadata=meta)
-            if replace_input:
-                os.replace(target_path, out)
-                result = anp_onnx.ExportResult(out, [out], result.changed_initializers, result.max_abs_diff)
-            outcome = ExportOutcome(result, list(result.files))
-            if save_masks:
-                extra = {"preprocessing": rep.preprocessing.to_dict(), "masks": source}
-                if config is not None:
-                    extra["config"] = config.to_dict()
-                outcome.files += rep.save_masks(masks, default_masks_path(out), extra, mean_masks=mean_masks)
-            written = anp_onnx.load_model(out, layout=rep.model.input.layout)
-            if test is not None or poisoned is not None:
-                outcome.before = rep.evaluate(test, poisoned=poisoned, target=target)
-                outcome.after = rep.evaluate(test, poisoned=poisoned, target=outcome.before.target, model=written)
-            if holdout is not None:
-                outcome.holdout_before = rep.evaluate(holdout)
-                outcome.holdout_after = rep.evaluate(holdout, model=written)
-            if save_report:
-                optimisation = ran or anp_onnx.MaskResult(masks, 0, 0.0, f"none: masks {source}")
-                report = RepairResult(
-                    out, masks, plan, rep.layers, config or anp_onnx.ANPConfig(), rep.preprocessing, optimisation,
-                    result, parity or 0.0, outcome.before, outcome.after, outcome.holdout_before,
-                    outcome.holdout_after, list(outcome.files), time.perf_counter() - start, curve)
-                outcome.files += write_report(report)
-            return outcome
+            return rep.finish(plan, masks, out, save_masks=save_masks, optimisation=optimisation, config=config,
+                              curve=curve, evaluation=evaluation, verify_images=verify, report=report,
+                              overwrite=overwrite, metadata=meta, masks_source=source,
+                              replace_input=replace_input)
 
         return job
 
-    def _done(self, outcome: ExportOutcome) -> None:
-        self.session.export = outcome.export
-        diff = outcome.export.max_abs_diff
-        text = (f"<p><b style='color:#1a7f37'>PASSED</b>: {esc(outcome.export.path)} was written, checked by onnx "
+    def _done(self, result: RepairResult) -> None:
+        self.session.export = result.export
+        diff = result.export.max_abs_diff
+        text = (f"<p><b style='color:#1a7f37'>PASSED</b>: {esc(result.export.path)} was written, checked by onnx "
                 f"and verified in onnxruntime: it gives the outputs of the pruned model (largest difference "
                 f"{diff:.1e}).</p>")
         rows = []
-        hb, ha, b, a = outcome.holdout_before, outcome.holdout_after, outcome.before, outcome.after
+        hb, ha, b, a = result.holdout_before, result.holdout_after, result.before, result.after
         if hb is not None and ha is not None:
             rows.append((f"held-out clean accuracy ({hb.n_clean} images)", hb.accuracy, ha.accuracy))
         if b is not None and a is not None and b.accuracy is not None:
@@ -200,9 +164,9 @@ class ExportPage(Page):
             text += "<table cellspacing='6'><tr><th></th><th>before</th><th>after</th></tr>" + "".join(
                 f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
                 for name, x, y in rows) + "</table>"
-        text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in outcome.files) + "</ul>"
+        text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"
         self.result.setText(text)
-        self.win.log.note(f"exported {outcome.export.path}")
+        self.win.log.note(f"exported {result.export.path}")
         self.exportFinished.emit("done")
 
     def _failed(self, failure) -> None:

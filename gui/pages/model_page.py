@@ -46,7 +46,6 @@ class ModelPage(Page):
 
     def __init__(self, window) -> None:
         super().__init__(window)
-        self.problem = ""
         row = QHBoxLayout()
         self.open_button = QPushButton("Open model…", self)
         self.open_button.setObjectName("openModelButton")
@@ -165,7 +164,8 @@ class ModelPage(Page):
             return
         self.path_label.setText(f"<b>{esc(info.path.name)}</b> &nbsp; <span style='color:#555'>"
                                 f"{esc(info.path.parent)}</span>")
-        self.summary.setText(summary_html(info, self.session.random_parity, self.problem, self.session.data_parity))
+        self.summary.setText(summary_html(info, self.session.random_parity, self.session.conversion_problem,
+                                          self.session.data_parity))
         rows = info.neurons.layers
         self.layers.setRowCount(len(rows))
         for r, layer in enumerate(rows):

@@ -9,15 +9,14 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
-from anp_onnx import PruneSpec
-from anp_onnx import rank_neurons
+from anp_onnx import REFERENCE_THRESHOLD, PruneSpec, rank_neurons
 
 from ..plots import PruningCurvePlot
 from .base import Page, esc, pct, rich
 from .widgets import NeuronTable
 
 THRESHOLD_STEPS = 1000
-REFERENCE = PruneSpec.threshold(0.2)  # the ANP reference code's choice, used until the curve is there
+REFERENCE = PruneSpec.threshold(REFERENCE_THRESHOLD)  # the ANP reference code's choice, until the curve is there
 
 
 class PrunePage(Page):
@@ -52,7 +51,8 @@ class PrunePage(Page):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setDecimals(3)
         self.threshold.setSingleStep(0.01)
-        self.threshold.setToolTip("Prune every neuron whose mask is at or below this value (reference: 0.2).")
+        self.threshold.setToolTip("Prune every neuron whose mask is at or below this value "
+                                  f"(reference: {REFERENCE_THRESHOLD:g}).")
         self.threshold.valueChanged.connect(lambda v: self._value_set(round(v * THRESHOLD_STEPS)))
         self.budget = QDoubleSpinBox(self)
         self.budget.setObjectName("maxDrop")
@@ -249,7 +249,7 @@ class PrunePage(Page):
         rep, masks, tiebreak, poisoned, target = s.repairer, s.masks, s.mean_masks, s.poisoned, s.target
         suspected, signal_data = s.suspected_target, s.train
         max_drop = self.budget.value() / 100
-        device = self.win.settings_page.config().device
+        device = s.anp_config.device if s.anp_config is not None else "cpu"
         self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
         self.curve_progress.setRange(0, 0)
 

@@ -9,7 +9,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QFileDialog, QHBoxLayout, QProgressBar, QPushButton, QSplitter
 
 import anp_onnx
-from anp_onnx import PruneSpec
+from anp_onnx import REFERENCE_THRESHOLD, PruneSpec
 
 from ..plots import LossPlot, MaskHistogram
 from .base import Page, esc, rich
@@ -34,7 +34,6 @@ class RunPage(Page):
     def __init__(self, window) -> None:
         super().__init__(window)
         self.state = "idle"
-        self.run_config = None
         self.summary = rich(self, "", "runSummary")
         self.body.addWidget(self.summary)
         row = QHBoxLayout()
@@ -77,7 +76,7 @@ class RunPage(Page):
         self.refresh()
 
     def ready(self) -> bool:
-        return self.win.data_page.ready()
+        return self.session.model_usable
 
     def set_busy(self, busy: bool) -> None:
         running = self.state == "running"
@@ -89,7 +88,7 @@ class RunPage(Page):
     def refresh(self) -> None:
         s = self.session
         try:
-            config = self.win.settings_page.config().resolve()
+            config = s.run_config()
         except anp_onnx.AnpOnnxError as exc:
             self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
             return
@@ -111,12 +110,11 @@ class RunPage(Page):
         if s.train is None or self.win.runner.busy:
             return
         try:
-            config = self.win.settings_page.config().resolve()
+            config = s.run_config()
         except anp_onnx.AnpOnnxError as exc:
             self.win.error("Cannot start", str(exc))
             return
         rep, train = s.repairer, s.train
-        self.run_config = config
         s.reset_from("masks")
         self.win.session_changed()
         self.state = "running"
@@ -129,7 +127,8 @@ class RunPage(Page):
         self._drawn = 0.0
         self.win.runner.start(
             "ANP optimisation", lambda progress, cancel: rep.optimize(train, config, progress=progress, cancel=cancel),
-            on_success=self._done, on_progress=self._progress, on_cancel=self._cancelled, on_failure=self._failed)
+            on_success=lambda result: self._done(result, config), on_progress=self._progress,
+            on_cancel=self._cancelled, on_failure=self._failed)
         self.set_busy(True)
 
     def cancel(self) -> None:
@@ -155,10 +154,10 @@ class RunPage(Page):
                 self.mask_plot.show_masks(event.payload["masks"], step=event.step)
             self._drawn = time.perf_counter()
 
-    def _done(self, result: anp_onnx.MaskResult) -> None:
+    def _done(self, result: anp_onnx.MaskResult, config: anp_onnx.ANPConfig) -> None:
         self.state = "done"
         self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks,
-                       result.target)
+                       result.target, config)
         self.progress.setValue(self.progress.maximum())
         self.eta.setText(f"Finished {result.iterations:,} iterations in {duration(result.seconds)}.")
         self.loss_plot.set_history(result.history)
@@ -178,14 +177,17 @@ class RunPage(Page):
         self.set_busy(False)
         self.runFinished.emit("failed")
 
-    def use_masks(self, masks: dict, source: str, result=None, mean_masks=None, suspected_target=None) -> None:
+    def use_masks(self, masks: dict, source: str, result=None, mean_masks=None, suspected_target=None,
+                  config=None) -> None:
+        """Make ``masks`` the session's; ``result`` and ``config`` (the resolved ANPConfig) when learnt here."""
         s = self.session
         s.reset_from("masks")
         s.masks, s.mask_result, s.masks_source = masks, result, source
+        s.masks_config = config if result is not None else None
         s.mean_masks = dict(mean_masks) if mean_masks else None
         s.suspected_target = suspected_target
         values = [float(v) for m in masks.values() for v in m]
-        low = sum(v <= 0.2 for v in values)
+        low = sum(v <= REFERENCE_THRESHOLD for v in values)
         seconds = f" in {duration(result.seconds)} on {esc(result.device)}" if result is not None else ""
         probe = ""
         if result is not None and result.probe is not None:
@@ -193,8 +195,8 @@ class RunPage(Page):
         noise = (f" Neuron noise targeted at class {suspected_target}." if suspected_target is not None
                  else " Neuron noise untargeted (the reference's).") if result is not None else ""
         self.result.setText(f"<b>Masks ready</b> ({esc(source)}{seconds}): {low} of {len(values)} neurons have a "
-                            f"mask of 0.2 or less.{probe}{noise} Continue with <b>Prune</b>.")
-        self.mask_plot.show_masks(masks, threshold=0.2)
+                            f"mask of {REFERENCE_THRESHOLD:g} or less.{probe}{noise} Continue with <b>Prune</b>.")
+        self.mask_plot.show_masks(masks, threshold=REFERENCE_THRESHOLD)
         self.win.session_changed()
 
     # -- mask files -----------------------------------------------------------------------------
@@ -230,8 +232,8 @@ class RunPage(Page):
     def save_masks(self, path: str) -> list[Path]:
         s = self.session
         extra = {"preprocessing": s.repairer.preprocessing.to_dict()}
-        if s.mask_result is not None and self.run_config is not None:
-            extra["config"] = self.run_config.to_dict()
+        if s.masks_config is not None:
+            extra["config"] = s.masks_config.to_dict()
         extra["suspected_target"] = s.suspected_target
         try:
             files = s.repairer.save_masks(s.masks, path, extra, mean_masks=s.mean_masks)

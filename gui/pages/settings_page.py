@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
-from PySide6.QtCore import QEvent, QObject
+from PySide6.QtCore import QEvent, QObject, Signal
 from PySide6.QtWidgets import (
     QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton, QSpinBox, QWidget,
 )
@@ -61,6 +61,8 @@ class SettingsPage(Page):
     title = "3. Settings"
     subtitle = "The defaults are those of the ANP reference code, but for aiming the perturbation at a suspected " \
                "target; hover over a setting to see what it does. Fewer iterations are fine for a first look."
+
+    configChanged = Signal()  # the session's anp_config (or anp_problem) changed
 
     def __init__(self, window) -> None:
         super().__init__(window)
@@ -206,12 +208,16 @@ class SettingsPage(Page):
     def _changed(self, *args) -> None:
         if self._loading:
             return
+        s = self.session
         try:
             config = self.config()
         except anp_onnx.AnpOnnxError as exc:
             self.problem.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            s.anp_config, s.anp_problem = None, str(exc)
+            self.configChanged.emit()
             return
         self.problem.setText("")
+        s.anp_config, s.anp_problem = config, ""
         self.settings.set_anp_config(config)
         try:
             resolved = config.resolve()
@@ -219,9 +225,7 @@ class SettingsPage(Page):
         except anp_onnx.AnpOnnxError as exc:
             where = f"<span style='color:#b00020'>{esc(exc)}</span>"
         self.device_label.setText(f"Detected: <b>{esc(detected_device())}</b><br>This run: {where}")
-        run_page = getattr(self.win, "run_page", None)
-        if run_page is not None:
-            run_page.refresh()
+        self.configChanged.emit()
 
     def set_busy(self, busy: bool) -> None:
         for widget in [*self.fields.values(), self.defaults, self.reference]:
