@@ -82,13 +82,14 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
            model_facts: Optional[Mapping[str, object]] = None, metadata: Optional[Mapping[str, object]] = None,
            parity: Optional[float] = None, stages: tuple[str, ...] = (), masks_source: str = "learnt in this run",
            initializers: Optional[Mapping[str, np.ndarray]] = None, replace_input: bool = False,
-           started: Optional[float] = None) -> RepairResult:
+           mean_masks: Optional[Mapping[str, np.ndarray]] = None, started: Optional[float] = None) -> RepairResult:
     """Write the repaired model for ``plan``, its masks (unless ``masks_path`` is None) and report.
 
     ``optimisation`` is the mask stage's result when the masks were learnt in this run;
     ``model_facts`` (path, sha256 of the input) go into the masks file and the model's metadata;
     ``initializers`` are the refinements' new weights (see :func:`refine`); ``replace_input`` lets
-    ``out`` be the input model (see :func:`anp_onnx.export.export`).
+    ``out`` be the input model (see :func:`anp_onnx.export.export`). ``mean_masks`` (the ranking's
+    tie-breakers) default to the optimisation's; give them for masks loaded from a file.
     """
     start = started if started is not None else time.perf_counter()
     facts = dict(model_facts or {})
@@ -106,8 +107,9 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
         if optimisation is not None:
             extra["suspected_target"] = optimisation.target
             extra["probe"] = optimisation.probe.to_dict() if optimisation.probe else None
-        files += save_masks(ctx, masks, masks_path, extra,
-                            optimisation.mean_masks if optimisation is not None else None)
+        if mean_masks is None and optimisation is not None:
+            mean_masks = optimisation.mean_masks
+        files += save_masks(ctx, masks, masks_path, extra, mean_masks)
     ev = evaluation
     before = after = holdout_before = holdout_after = None
     if ev.test is not None or ev.poisoned is not None or ev.holdout is not None:

@@ -275,7 +275,8 @@ def test_saved_masks_and_export_over_the_input_needs_confirmation(qtbot, win, fi
     open_model(qtbot, win, model)
     layers = win.session.info.neurons.layers
     masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
-    win.run_page.use_masks(masks, "test masks")
+    means = {name: values[::-1].copy() for name, values in masks.items()}  # tie-breakers to keep
+    win.run_page.use_masks(masks, "test masks", mean_masks=means)
     saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
     assert [p.name for p in saved] == ["m.masks.json", "m.mask_values.txt"]
     win.run_page.use_masks({k: np.ones_like(v) for k, v in masks.items()}, "other")
@@ -359,7 +360,8 @@ def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files
     qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
     layers = win.session.info.neurons.layers
     masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
-    win.run_page.use_masks(masks, "test masks")
+    means = {name: values[::-1].copy() for name, values in masks.items()}  # tie-breakers to keep
+    win.run_page.use_masks(masks, "test masks", mean_masks=means)
     saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
     win.run_page.load_masks(str(saved[0]))
     assert win.session.mask_result is None and win.session.masks_config is None
@@ -379,4 +381,8 @@ def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files
     assert "from_masks.report.json" in shown and "test accuracy" in shown
     facts = json.loads((work / "from_masks.report.json").read_text())
     assert facts["conversion_parity_max_abs_diff"] == pytest.approx(win.session.data_parity)
+    # the masks file written beside the export keeps the loaded tie-breakers
+    resaved = anp_onnx.load_masks(work / "from_masks.masks.json")[1]["mean_masks"]
+    for name, values in means.items():
+        np.testing.assert_allclose(resaved[name], values, atol=1e-6)
     assert not visible_errors(win)

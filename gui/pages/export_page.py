@@ -135,13 +135,13 @@ class ExportPage(Page):
         optimisation = s.mask_result
         config = s.masks_config if optimisation is not None else None
         meta = {"data": verify.source} if verify is not None else {}
-        source = s.masks_source
+        source, mean_masks = s.masks_source, s.mean_masks
 
         def job(progress, cancel):
             return rep.finish(plan, masks, out, save_masks=save_masks, optimisation=optimisation, config=config,
                               curve=curve, evaluation=evaluation, verify_images=verify, report=report,
                               overwrite=overwrite, metadata=meta, masks_source=source,
-                              replace_input=replace_input)
+                              replace_input=replace_input, mean_masks=mean_masks)
 
         return job
 
