@@ -161,12 +161,15 @@ def _noise_step(net: nn.Module, modules: list[PerturbedModule], params: list[tor
     return out.argmax(1), int(out.shape[1])
 
 
-def _batches(data: ImageSet, max_images: int, repeats: int, seed: int, device: str):
-    """``repeats`` seeded random batches of up to ``max_images`` of ``data`` (class-sorted data mixes)."""
+def _picks(data: ImageSet, max_images: int, repeats: int, seed: int) -> list[np.ndarray]:
+    """``repeats`` seeded random choices of up to ``max_images`` of ``data`` (class-sorted data mixes)."""
     n = min(len(data), max_images)
     rng = np.random.default_rng(seed)
-    for _ in range(repeats):
-        pick = np.sort(rng.permutation(len(data))[:n])
+    return [np.sort(rng.permutation(len(data))[:n]) for _ in range(repeats)]
+
+
+def _batches(data: ImageSet, picks: list[np.ndarray], device: str):
+    for pick in picks:
         yield (torch.from_numpy(np.ascontiguousarray(data.x[pick], dtype=np.float32)).to(device),
                torch.from_numpy(data.y[pick].astype(np.int64)).to(device))
 
@@ -188,7 +191,7 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
     counts = None
     images = 0
     with _probing(net, modules, device) as params:
-        for x, y in _batches(data, max_images, repeats, seed, device):
+        for x, y in _batches(data, _picks(data, max_images, repeats, seed), device):
             pred, classes = _noise_step(net, modules, params, x, y, eps, towards=False)
             wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(classes))
             counts = wrong if counts is None else counts + wrong
@@ -198,19 +201,25 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
 
 def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, target: int, *,
                eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
-               repeats: int = PROBE_REPEATS, seed: int = 0) -> float:
+               repeats: int = PROBE_REPEATS, seed: int = 0, stop_above: Optional[float] = None) -> float:
     """Fraction of clean images (true class not ``target``) that one neuron-noise step of size ``eps``
     aimed at ``target`` sends there: the backdoor signal.
 
     Same batches, normalisation and restoring as :func:`probe_collapse`; the step lowers the
-    cross-entropy towards ``target`` instead of raising it on the true labels.
+    cross-entropy towards ``target`` instead of raising it on the true labels. With ``stop_above``
+    the batches stop as soon as the fraction over all of them is certain to exceed it (the hits so
+    far already do); the fraction of the batches run is returned then, which exceeds it too.
     """
     modules = list(modules)
+    picks = _picks(data, max_images, repeats, seed)
+    all_others = sum(int((data.y[pick] != target).sum()) for pick in picks)
     hits = total = 0
     with _probing(net, modules, device) as params:
-        for x, y in _batches(data, max_images, repeats, seed, device):
+        for x, y in _batches(data, picks, device):
             pred, _ = _noise_step(net, modules, params, x, torch.full_like(y, target), eps, towards=True)
             others = y != target
             hits += int((pred[others] == target).sum())
             total += int(others.sum())
+            if stop_above is not None and hits > stop_above * all_others:
+                break
     return hits / total if total else 0.0

@@ -19,7 +19,7 @@ A triggered set, when given, adds ASR to the curve for display; it never takes p
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -87,8 +87,11 @@ class PruningCurve:
         }
 
 
-#: evaluate(pruned neurons, measure_signal) -> (clean accuracy, ASR or None, backdoor signal or None)
-Evaluator = Callable[[Sequence[RankedNeuron], bool], tuple[float, Optional[float], Optional[float]]]
+#: evaluate(pruned neurons, measure_signal, above) -> (clean accuracy, ASR or None, backdoor signal or None).
+#: ``above``: the signal's exact value matters only up to this level; above it, any value above it
+#: will do (the measurement may stop early). None: measure it exactly.
+Evaluator = Callable[[Sequence[RankedNeuron], bool, Optional[float]],
+                     tuple[float, Optional[float], Optional[float]]]
 
 
 def _first_crossing(measured: dict[int, CurvePoint], floor: float) -> int:
@@ -129,7 +132,10 @@ def compute_curve(
     The sweep runs on a grid up to ``max_fraction`` of the neurons and stops early once accuracy has
     fallen far below what either rule accepts. The backdoor signal is measured (when there is a
     ``suspected_target``) until it has gone; then every count between the last grid point before
-    the choice and the next one is measured, so the choice is exact to one neuron.
+    the choice and the next one is measured, so the choice is exact to one neuron. Accuracy is
+    measured first at each point; the signal only where the point could be chosen (accuracy within
+    the signal's cap) or is the next grid point of a candidate, and beyond the gone level only as
+    far as it takes to know it is above it (the evaluator may stop early).
     """
     if not 0 <= max_drop <= 1 or not 0 <= signal_max_drop <= 1:
         raise SettingsError("the accuracy budget (max drop) must be in [0, 1]")
@@ -139,23 +145,31 @@ def compute_curve(
     measured: dict[int, CurvePoint] = {}
     with_signal = suspected_target is not None
 
+    above: list[Optional[float]] = [None]  # the signal's exact value matters only up to the gone level
+
     def point(k: int, signal: bool = False) -> CurvePoint:
-        if k not in measured or (signal and measured[k].signal is None):
+        if k not in measured:
             check(cancel)
-            acc, asr, share = evaluate(ranking[:k], signal)
-            measured[k] = CurvePoint(k, ranking[k - 1].mask if k else 0.0, acc, asr, share)
+            acc, asr, _ = evaluate(ranking[:k], False, None)
+            measured[k] = CurvePoint(k, ranking[k - 1].mask if k else 0.0, acc, asr)
+        if signal and measured[k].signal is None:
+            check(cancel)
+            measured[k] = replace(measured[k], signal=evaluate(ranking[:k], True, above[0])[2])
         return measured[k]
 
     grid = grid_counts(int(np.floor(max_fraction * total)))
     baseline = point(0, with_signal).accuracy
     gone_level = GONE_FRACTION * (measured[0].signal or 0.0) if with_signal else 0.0
+    above[0] = gone_level
     floor_ok = baseline - max_drop
     floor_signal = baseline - signal_max_drop
     far = baseline - max(3 * max_drop, 0.10, signal_max_drop + 0.05 if with_signal else 0.0)
     below = 0
     gone_at: Optional[int] = None
     for step, k in enumerate(grid, start=1):
-        measure = with_signal and gone_at is None
+        p = point(k)
+        # a point below the accuracy cap cannot be chosen: its signal is measured only if asked as "next"
+        measure = with_signal and gone_at is None and p.accuracy >= floor_signal
         p = point(k, measure)
         emit(progress, ProgressEvent(Stage.SWEEP, step, len(grid), metrics={"count": k, "accuracy": p.accuracy}))
         if measure and p.signal is not None and p.signal <= gone_level and p.accuracy >= floor_signal:
@@ -168,7 +182,7 @@ def compute_curve(
     if gone_at is not None:
         earlier = [g for g in grid if g < gone_at]
         for k in range(earlier[-1] + 1 if earlier else 0, gone_at):
-            if point(k, True).signal <= gone_level and point(k).accuracy >= floor_signal:
+            if point(k).accuracy >= floor_signal and point(k, True).signal <= gone_level:
                 gone_at = k
                 break
         best = gone_at

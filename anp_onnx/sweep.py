@@ -46,22 +46,26 @@ def measure_curve(ctx: RepairContext, masks: dict[str, np.ndarray], ranking: Seq
                     target = infer_target(torch_logits(net, poisoned.x, device).argmax(1))
             keep = poisoned.y != target
         modules = list(ctx.modules.values())
+        scores: dict[int, tuple[float, Optional[float]]] = {}  # count -> (accuracy, ASR): a prefix is measured once
 
-        def evaluate_prefix(chosen: Sequence[RankedNeuron], signal: bool):
+        def evaluate_prefix(chosen: Sequence[RankedNeuron], signal: bool, above: Optional[float] = None):
+            share = None
             with ctx.pruned(plan_from_neurons(masks, chosen, PruneSpec.count(len(chosen)))):
-                acc = float((torch_logits(net, clean.x, device).argmax(1) == clean.y).mean())
-                asr = share = None
-                if keep is not None and keep.any():
-                    pred = torch_logits(net, poisoned.x[keep], device).argmax(1)
-                    asr = float((pred == target).mean())
+                if len(chosen) not in scores:
+                    acc = float((torch_logits(net, clean.x, device).argmax(1) == clean.y).mean())
+                    asr = None
+                    if keep is not None and keep.any():
+                        pred = torch_logits(net, poisoned.x[keep], device).argmax(1)
+                        asr = float((pred == target).mean())
+                    scores[len(chosen)] = (acc, asr)
                 if signal and suspected_target is not None:
                     if not signal_eps:  # a weak pull says too little: then all points use twice the noise
                         share = probe_pull(net, modules, probe_set, suspected_target, device=device)
                         signal_eps.append(PROBE_EPS if share >= MIN_PULL else 2 * PROBE_EPS)
                     if share is None or signal_eps[0] != PROBE_EPS:
                         share = probe_pull(net, modules, probe_set, suspected_target, eps=signal_eps[0],
-                                           device=device)
-            return acc, asr, share
+                                           device=device, stop_above=above)
+            return (*scores[len(chosen)], share)
 
         return compute_curve(ranking, evaluate_prefix, n_images=len(clean), max_drop=settings.max_drop,
                              max_fraction=settings.max_fraction, suspected_target=suspected_target,

@@ -19,7 +19,7 @@ def _ranking(n):
 
 
 def _evaluator(acc_of_count, calls=None, signal_of_count=None, signal_calls=None):
-    def evaluate(chosen, signal):
+    def evaluate(chosen, signal, above=None):
         if calls is not None:
             calls.append(len(chosen))
         share = None
