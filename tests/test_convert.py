@@ -244,3 +244,24 @@ def test_precomputed_constants_and_inert_allowzero():
     # a literal 0 with allowzero=1 means an empty dimension: kept
     kept, _ = drop_inert_allowzero(precompute_constants(_shape_model([0, -1]))[0])
     assert any(a.name == "allowzero" and a.i for n in kept.graph.node for a in n.attribute)
+
+
+def test_channels_last_is_the_same_function_and_only_for_checked_ops(tmp_path):
+    from anp_onnx.context import channels_last_safe, open_context
+    from anp_onnx.model import load_model
+    from builders import random_images, tiny_model
+    from test_norm_neurons import groupnorm18_model
+
+    model = load_model(tiny_model(tmp_path / "m.onnx"))
+    plain = open_context(model, Preprocessing())
+    fast = open_context(model, Preprocessing(), channels_last=True)
+    assert not plain.net.channels_last and fast.net.channels_last
+    x = random_images(16).x
+    with torch.no_grad():
+        a, b = plain.net(torch.from_numpy(x)), fast.net(torch.from_numpy(x))
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5)
+    assert parity(model, fast.net, x, Preprocessing()) < 1e-4
+    # GroupNormalization's backward crashed on channels-last tensors: such models stay contiguous
+    gn = load_model(groupnorm18_model(tmp_path / "gn.onnx"))
+    assert channels_last_safe(model.runnable) and not channels_last_safe(gn.runnable)
+    assert not open_context(gn, Preprocessing(), channels_last=True).net.channels_last
