@@ -32,18 +32,16 @@ from .data import ImageSet, load_images
 from .errors import SettingsError
 from .evaluate import EvalResult, evaluate
 from .export import PARITY_IMAGES, export, random_images
-from .finish import Evaluation, finish, refine, save_masks
+from .finish import Evaluation, finish, refine, repair_outputs, save_masks
 from .learn import learn_masks
 from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_path
 from .model import LoadedModel, load_model
 from .neurons import NeuronLayer
 from .options import DEFAULT_HOLDOUT, CurveSettings, ModelOptions, NeuronSelection
-from .outputs import check_output_path
 from .preprocessing import Preprocessing
 from .progress import CancelToken, ProgressCallback
 from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_masks, plan_from_neurons, \
     plan_pruning, rank_neurons
-from .report import report_paths
 from .results import ExportResult, ModelInfo, RepairResult
 from .stages import get_refinement, mask_stage_for
 from .sweep import measure_curve
@@ -199,11 +197,12 @@ class Repairer:
         """Export ``plan``, save the masks beside it, evaluate before/after and write the report
         (see :func:`anp_onnx.finish.finish` for the keyword arguments)."""
         kwargs.setdefault("stages", tuple(stages_ran(self.parity, kwargs.get("optimisation"), kwargs.get("curve"))))
-        replacing = kwargs.get("replace_input", False)
-        overwrite = kwargs.get("overwrite", False) or replacing
-        out = check_output_path(out, None if replacing else self.model.path, overwrite)
-        return finish(self.ctx, plan, masks, out, masks_path=default_masks_path(out) if save_masks else None,
-                      model_facts=self.model_facts(), parity=self.parity, **kwargs)
+        masks_path = default_masks_path(out) if save_masks else None
+        outputs = repair_outputs(self.model, out, masks_path=masks_path, report=kwargs.get("report", True),
+                                 overwrite=kwargs.get("overwrite", False),
+                                 replace_input=kwargs.get("replace_input", False))
+        return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
+                      parity=self.parity, outputs=outputs, **kwargs)
 
     def evaluate(self, clean: Optional[ImageSet], *, poisoned: Optional[ImageSet] = None,
                  target: Optional[int] = None, model: Optional[LoadedModel] = None) -> EvalResult:
@@ -297,13 +296,14 @@ def repair(
     for name in refinements:  # unknown names fail before any work
         get_refinement(name)
     options = ModelOptions(layout, preprocessing)
-    out = check_output_path(out, model, overwrite)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
-    extras = [masks_path, mask_values_path(masks_path)] + (list(report_paths(out).values()) if report else [])
-    for extra in extras:
-        check_output_path(extra, model, overwrite)
-    rep = Repairer.open(model, layout=options.layout, preprocessing=options.preprocessing, kinds=kinds,
-                        include=include, exclude=exclude)
+    inputs = {"clean data": data, "test data": test_data, "poisoned data": poisoned_data}
+    outputs = lambda m: repair_outputs(m, out, masks_path=masks_path, report=report,  # noqa: E731
+                                       overwrite=overwrite, inputs=inputs)
+    outputs(model)  # every output checked before any work; again with the model's external data files
+    loaded = load_model(model, layout=options.layout)
+    checked = outputs(loaded)
+    rep = Repairer(loaded, preprocessing=options.preprocessing, kinds=kinds, include=include, exclude=exclude)
     config = mask_stage_for(config).resolve(config)
     clean = data if isinstance(data, ImageSet) else rep.load_data(data)
     test, poisoned = _as_images(rep, test_data), _as_images(rep, poisoned_data)
@@ -337,7 +337,7 @@ def repair(
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
                   masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),
                   metadata={"data": clean.source}, parity=diff, stages=tuple(stages), initializers=initializers,
-                  started=start)
+                  started=start, outputs=checked)
 
 
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,
@@ -351,12 +351,14 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
     An ``auto`` spec needs ``verify_data`` (clean images); masks saved by :func:`repair` carry the
     suspected target, so the automatic choice uses the backdoor signal as repair's did.
     """
-    out = check_output_path(out, model, overwrite)
+    inputs = {"verification data": verify_data, "masks file": None if isinstance(masks, Mapping) else masks}
+    repair_outputs(model, out, report=False, overwrite=overwrite, inputs=inputs)  # before any work
     facts: dict = {}
     if not isinstance(masks, Mapping):
         masks, facts = load_masks(masks)
-    rep = Repairer.open(model, layout=layout, preprocessing=preprocessing, kinds=kinds, include=include,
-                        exclude=exclude)
+    loaded = load_model(model, layout=layout)
+    repair_outputs(loaded, out, report=False, overwrite=overwrite, inputs=inputs)
+    rep = Repairer(loaded, preprocessing=preprocessing, kinds=kinds, include=include, exclude=exclude)
     rep.set_centres(facts.get("centres") or {})
     recorded = (facts.get("model") or {}).get("sha256") if isinstance(facts.get("model"), dict) else None
     if recorded and rep.model.path and recorded != rep.model_facts()["sha256"]:

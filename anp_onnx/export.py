@@ -21,8 +21,8 @@ from .context import RepairContext
 from .convert import torch_logits
 from .data import ImageSet
 from .errors import ModelError, OutputError
-from .model import InputSpec, load_model
-from .outputs import check_data_path, check_output_path, check_written, external_names_for, save_model
+from .model import InputSpec, LoadedModel, load_model
+from .outputs import OutputSet, check_written, external_names_for, save_model
 from .prune import PrunePlan
 from .results import ExportResult
 from .runtime import PARITY_ATOL, PARITY_RTOL, ort_logits, to_model_input
@@ -44,20 +44,25 @@ def random_images(spec: InputSpec, n: int = 8) -> ImageSet:
 def export(ctx: RepairContext, plan: PrunePlan, out: os.PathLike | str, *, overwrite: bool = False,
            verify_images: Optional[ImageSet] = None, metadata: Optional[Mapping[str, object]] = None,
            source_sha256: Optional[str] = None, initializers: Optional[Mapping[str, np.ndarray]] = None,
-           replace_input: bool = False) -> ExportResult:
+           replace_input: bool = False, outputs: Optional[OutputSet] = None) -> ExportResult:
     """Write ``plan`` into the original ONNX model and save it at ``out`` once verified.
 
     The written model must pass onnx.checker and give, in onnxruntime, the logits of the pruned
     torch model on ``verify_images`` (random images when None); otherwise nothing is written.
     ``initializers`` are a refinement's new weights (see :mod:`anp_onnx.stages`). ``out`` may be
     the input model itself only with ``replace_input`` (the desktop app asks first; the file is
-    replaced atomically, and never when its weights live in external data).
+    replaced atomically, and never when its weights live in external data). With ``outputs`` (the
+    set of a whole repair, see :func:`model_outputs`, already checked) the files stay at the set's
+    temporary names until it is committed; without, they are checked and moved into place here.
     """
     model = ctx.model
-    if replace_input and model.external_tensors:
-        raise OutputError("the input model keeps its weights in a separate data file: save the repaired "
-                          "model under a new name")
-    out = check_output_path(out, None if replace_input else model.path, overwrite or replace_input)
+    if outputs is None:
+        with model_outputs(model, out, overwrite=overwrite, replace_input=replace_input).check() as own:
+            result = export(ctx, plan, out, verify_images=verify_images, metadata=metadata,
+                            source_sha256=source_sha256, initializers=initializers, outputs=own)
+            own.commit()
+        return result
+    out = Path(out)
     meta = {
         "version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -70,8 +75,6 @@ def export(ctx: RepairContext, plan: PrunePlan, out: os.PathLike | str, *, overw
     centre_of = {name: centre for name, (centre, _) in current_centres(ctx.modules).items()}
     written, editor = write_back(model.proto, ctx.layers, plan, meta, centre_of, initializers)
     external = external_names_for(written, model.external_tensors, editor.copies)
-    if external:
-        check_data_path(out, model.external_files, overwrite)
     images = verify_images if verify_images is not None else random_images(model.input)
     diffs: list[float] = []
 
@@ -79,8 +82,32 @@ def export(ctx: RepairContext, plan: PrunePlan, out: os.PathLike | str, *, overw
         check_written(path)
         diffs.append(verify(ctx, path, plan, images))
 
-    files = save_model(written, out, external, validate=validate)
+    files = save_model(written, out, external, validate=validate, outputs=outputs)
     return ExportResult(out, files, sorted(editor.changed), diffs[0])
+
+
+def model_outputs(model: LoadedModel | os.PathLike | str, out: os.PathLike | str, *, overwrite: bool = False,
+                  replace_input: bool = False, outputs: Optional[OutputSet] = None) -> OutputSet:
+    """The output set for a repaired ``model`` at ``out`` (its ``<out>.data`` too when the model keeps
+    weights in external data), with the model and its data files as inputs; not yet checked.
+
+    ``model`` is a path before the model is loaded (its external data files are not known yet).
+    ``replace_input`` lets ``out`` replace the input model (never one with external data).
+    """
+    outputs = outputs if outputs is not None else OutputSet(overwrite)
+    loaded = model if isinstance(model, LoadedModel) else None
+    path = loaded.path if loaded is not None else model
+    if replace_input and loaded is not None and loaded.external_tensors:
+        raise OutputError("the input model keeps its weights in a separate data file: save the repaired "
+                          "model under a new name")
+    outputs.add_input(path, "input model")
+    out = Path(out)
+    outputs.add_output(out, "repaired model", may_replace=path if replace_input else None)
+    if loaded is not None:
+        outputs.add_inputs(sorted(loaded.external_files), "input model's external data")
+        if loaded.external_tensors:
+            outputs.add_output(out.with_name(out.name + ".data"), "repaired model's external data", optional=True)
+    return outputs
 
 
 def verify(ctx: RepairContext, path: Path, plan: PrunePlan, images: ImageSet) -> float:

@@ -8,6 +8,7 @@ the report (:mod:`anp_onnx.report`).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,15 @@ from .calibrate import current_centres
 from .context import RepairContext
 from .curve import PruningCurve
 from .data import ImageSet
+from .errors import OutputError
 from .evaluate import EvalResult, evaluate
-from .export import export
+from .export import export, model_outputs
 from .masks_io import mask_values_path, save_mask_values_txt, save_masks_json
-from .model import load_model
+from .model import LoadedModel, load_model
+from .outputs import OutputSet
 from .progress import CancelToken, ProgressCallback
 from .prune import PrunePlan
-from .report import write_report
+from .report import report_paths, write_report
 from .results import RepairResult
 from .stages import RefinementResult, get_refinement
 
@@ -48,13 +51,51 @@ class Evaluation:
     before: Optional[EvalResult] = None
 
 
+def repair_outputs(model: LoadedModel | os.PathLike | str, out: os.PathLike | str, *,
+                   masks_path: Optional[os.PathLike | str] = None, report: bool = True, overwrite: bool = False,
+                   replace_input: bool = False, inputs: Mapping[str, object] = {}) -> OutputSet:
+    """Every file a repair writes (model, its external data, masks JSON, mask_values.txt, report) and
+    every file it reads (the model, its data files, ``inputs``: what -> path), checked before any work.
+
+    ``model`` is the path until the model is loaded; call again with the :class:`LoadedModel` to
+    add its external data files.
+    """
+    outputs = model_outputs(model, out, overwrite=overwrite, replace_input=replace_input)
+    for what, path in inputs.items():
+        outputs.add_input(path, what)
+    if masks_path is not None:
+        outputs.add_output(masks_path, "masks file")
+        outputs.add_output(mask_values_path(masks_path), "mask values file")
+    if report:
+        for kind, path in report_paths(out).items():
+            outputs.add_output(path, f"report's {kind} file", optional=kind == "curve")
+    return outputs.check()
+
+
 def save_masks(ctx: RepairContext, masks: Mapping[str, np.ndarray], path: Path,
                facts: Optional[Mapping[str, object]] = None,
-               mean_masks: Optional[Mapping[str, np.ndarray]] = None) -> list[Path]:
-    """Masks as JSON at ``path`` (with the renormalised layers' centres) and as mask_values.txt beside it."""
-    save_masks_json(path, masks, ctx.layers, facts, mean_masks, current_centres(ctx.modules))
+               mean_masks: Optional[Mapping[str, np.ndarray]] = None,
+               outputs: Optional[OutputSet] = None) -> list[Path]:
+    """Masks as JSON at ``path`` (with the renormalised layers' centres) and as mask_values.txt beside it.
+
+    With ``outputs`` they go to the set's temporary names (moved into place by its commit);
+    without, both are checked (replacing existing files, never the model) and written as a set of their own.
+    """
     txt = mask_values_path(path)
-    save_mask_values_txt(txt, masks)
+    if outputs is None:
+        own = OutputSet(overwrite=True)
+        own.add_input(ctx.model.path, "input model")
+        own.add_inputs(sorted(ctx.model.external_files), "input model's external data")
+        own.add_output(path, "masks file")
+        own.add_output(txt, "mask values file")
+        with own.check():
+            save_masks(ctx, masks, path, facts, mean_masks, own)
+            return own.commit()
+    try:
+        save_masks_json(outputs.temp(path), masks, ctx.layers, facts, mean_masks, current_centres(ctx.modules))
+        save_mask_values_txt(outputs.temp(txt), masks)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return [path, txt]
 
 
@@ -82,7 +123,8 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
            model_facts: Optional[Mapping[str, object]] = None, metadata: Optional[Mapping[str, object]] = None,
            parity: Optional[float] = None, stages: tuple[str, ...] = (), masks_source: str = "learnt in this run",
            initializers: Optional[Mapping[str, np.ndarray]] = None, replace_input: bool = False,
-           mean_masks: Optional[Mapping[str, np.ndarray]] = None, started: Optional[float] = None) -> RepairResult:
+           mean_masks: Optional[Mapping[str, np.ndarray]] = None, started: Optional[float] = None,
+           outputs: Optional[OutputSet] = None) -> RepairResult:
     """Write the repaired model for ``plan``, its masks (unless ``masks_path`` is None) and report.
 
     ``optimisation`` is the mask stage's result when the masks were learnt in this run;
@@ -90,14 +132,37 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
     ``initializers`` are the refinements' new weights (see :func:`refine`); ``replace_input`` lets
     ``out`` be the input model (see :func:`anp_onnx.export.export`). ``mean_masks`` (the ranking's
     tie-breakers) default to the optimisation's; give them for masks loaded from a file.
+    ``outputs`` is the checked output set (see :func:`repair_outputs`; made here when None): every
+    file is written to a temporary name and all are moved into place at the end, or none.
     """
     start = started if started is not None else time.perf_counter()
+    if outputs is None:
+        outputs = repair_outputs(ctx.model, out, masks_path=masks_path, report=report, overwrite=overwrite,
+                                 replace_input=replace_input)
+    with outputs:
+        try:
+            repaired = _finish(ctx, plan, masks, Path(out), outputs, optimisation=optimisation, config=config,
+                               curve=curve, evaluation=evaluation, verify_images=verify_images, masks_path=masks_path,
+                               report=report, model_facts=model_facts, metadata=metadata, parity=parity,
+                               stages=stages, masks_source=masks_source, initializers=initializers,
+                               mean_masks=mean_masks, start=start)
+        except OSError as exc:
+            raise OutputError(f"cannot write the outputs of {out} ({exc.strerror or exc}); nothing was written") \
+                from exc
+        outputs.commit()
+    return repaired
+
+
+def _finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray], out: Path, outputs: OutputSet, *,
+            optimisation, config, curve, evaluation, verify_images, masks_path, report, model_facts, metadata,
+            parity, stages, masks_source, initializers, mean_masks, start) -> RepairResult:
+    """:func:`finish` with every file written to the temporary names of ``outputs``."""
     facts = dict(model_facts or {})
     meta = dict(metadata or {})
     if config is not None:
         meta.setdefault("anp", config.to_dict())
-    result = export(ctx, plan, out, overwrite=overwrite, verify_images=verify_images, metadata=meta,
-                    source_sha256=facts.get("sha256"), initializers=initializers, replace_input=replace_input)
+    result = export(ctx, plan, out, verify_images=verify_images, metadata=meta,
+                    source_sha256=facts.get("sha256"), initializers=initializers, outputs=outputs)
     files = list(result.files)
     if masks_path is not None:
         extra: dict[str, object] = {"model": facts, "preprocessing": ctx.preprocessing.to_dict(),
@@ -109,11 +174,11 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
             extra["probe"] = optimisation.probe.to_dict() if optimisation.probe else None
         if mean_masks is None and optimisation is not None:
             mean_masks = optimisation.mean_masks
-        files += save_masks(ctx, masks, masks_path, extra, mean_masks)
+        files += save_masks(ctx, masks, masks_path, extra, mean_masks, outputs)
     ev = evaluation
     before = after = holdout_before = holdout_after = None
     if ev.test is not None or ev.poisoned is not None or ev.holdout is not None:
-        written = load_model(out, layout=ctx.model.input.layout)
+        written = load_model(outputs.temp(out), layout=ctx.model.input.layout)
         if ev.test is not None or ev.poisoned is not None:
             before = ev.before or evaluate(ctx.model, ev.test, ctx.preprocessing, poisoned=ev.poisoned,
                                            target=ev.target)
@@ -129,5 +194,5 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
         repaired.stages.append("evaluate")
     if report:
         repaired.stages.append("report")
-        repaired.files += write_report(repaired)
+        repaired.files += write_report(repaired, to=outputs.temp)
     return repaired

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -188,17 +188,22 @@ def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: RepairResult) -> list[Path]:
-    """Write the JSON report, the Markdown page and its plots beside the output model."""
+def write_report(result: RepairResult, to: Optional[Callable[[Path], Path]] = None) -> list[Path]:
+    """Write the JSON report, the Markdown page and its plots beside the output model.
+
+    ``to`` maps each report file to where it is written for now (an output set's temporary name,
+    see :class:`anp_onnx.outputs.OutputSet`); the files named in the report are the final paths.
+    """
     paths = report_paths(result.output)
+    at = to or (lambda p: p)
     data = report_dict(result)
     written = []
     if result.curve is not None:
-        plot_curve(result, paths["curve"])
+        plot_curve(result, at(paths["curve"]))
         written.append(paths["curve"])
-    plot_masks(result, paths["masks"])
+    plot_masks(result, at(paths["masks"]))
     written.append(paths["masks"])
-    paths["markdown"].write_text(markdown(result, data, paths), encoding="utf-8")
+    at(paths["markdown"]).write_text(markdown(result, data, paths), encoding="utf-8")
     data["files"] = [str(f) for f in list(result.files) + written + [paths["markdown"], paths["json"]]]
-    paths["json"].write_text(json.dumps(data, indent=1), encoding="utf-8")
+    at(paths["json"]).write_text(json.dumps(data, indent=1), encoding="utf-8")
     return written + [paths["markdown"], paths["json"]]

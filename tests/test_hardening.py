@@ -1,0 +1,170 @@
+"""Issue #13: the tool is safe to point at untrusted files (outputs as one checked set, settings
+validated where they enter, loader errors in one line)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import anp_onnx
+from anp_onnx.cli import main
+from anp_onnx.data import ImageSet, save_npz
+from anp_onnx.errors import OutputError
+from builders import random_images, tiny_model
+
+TINY = ["--iterations", "2", "--batch-size", "16", "--device", "cpu", "--threshold", "0.2"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int, contains: str = "") -> str:
+    out, err = capsys.readouterr()
+    assert rc == 1, (out, err)
+    assert "Traceback" not in out + err
+    assert "PASSED" not in out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("anp-onnx"), err
+    assert contains in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("harden")
+    f = {"root": root, "model": tiny_model(root / "model.onnx", seed=0)}
+    save_npz(random_images(64, seed=0), root / "clean.npz")
+    save_npz(random_images(40, seed=1), root / "test.npz")
+    poisoned = random_images(30, seed=2)
+    save_npz(ImageSet(poisoned.x, (np.arange(30) % 3).astype(np.int64)), root / "poisoned.npz")
+    f.update(clean=root / "clean.npz", test=root / "test.npz", poisoned=root / "poisoned.npz")
+    return f
+
+
+@pytest.fixture
+def out_dir(files: dict[str, Path], request: pytest.FixtureRequest) -> Path:
+    d = files["root"] / request.node.name.replace("[", "_").replace("]", "")
+    d.mkdir()
+    return d
+
+
+def _repair(files, out: Path, *extra: str) -> int:
+    return main(["-q", "repair", str(files["model"]), "--data", str(files["clean"]), "--out", str(out), *TINY,
+                 *extra])
+
+
+# ----------------------------------------------------------------------------- 1. outputs distinct from inputs
+
+
+def test_masks_out_equal_to_out_is_refused(files, out_dir, capsys) -> None:
+    out = out_dir / "r.onnx"
+    _one_line_error(capsys, _repair(files, out, "--masks-out", str(out)), "twice")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_masks_out_naming_an_input_is_refused_even_with_overwrite(files, out_dir, capsys) -> None:
+    before = {k: _sha(files[k]) for k in ("clean", "test", "poisoned", "model")}
+    for name in ("clean", "test", "poisoned", "model"):
+        rc = _repair(files, out_dir / "r.onnx", "--masks-out", str(files[name]), "--overwrite",
+                     "--test", str(files["test"]), "--poisoned", str(files["poisoned"]))
+        _one_line_error(capsys, rc, "input")
+    # a report file named like an input, through a symlink
+    link = out_dir / "r.report.json"
+    link.symlink_to(files["clean"])
+    _one_line_error(capsys, _repair(files, out_dir / "r.onnx", "--overwrite"), "clean data")
+    assert {k: _sha(files[k]) for k in before} == before
+    assert [p.name for p in out_dir.iterdir()] == ["r.report.json"]
+
+
+def test_prune_masks_file_is_an_input(files, out_dir, capsys) -> None:
+    assert _repair(files, out_dir / "r.onnx") == 0
+    capsys.readouterr()
+    masks = out_dir / "r.masks.json"
+    before = _sha(masks)
+    _one_line_error(capsys, main(["prune", str(files["model"]), "--masks", str(masks), "--out", str(masks),
+                                  "--overwrite"]), "masks file")
+    assert _sha(masks) == before
+
+
+# ----------------------------------------------------------------------------- 2. written as a set
+
+
+@pytest.mark.parametrize("where", ["masks", "mask_values", "report"])
+def test_failed_masks_or_report_leaves_nothing(files, out_dir, capsys, monkeypatch, where) -> None:
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    target = {"masks": "anp_onnx.finish.save_masks_json", "mask_values": "anp_onnx.finish.save_mask_values_txt",
+              "report": "anp_onnx.report.plot_masks"}[where]
+    monkeypatch.setattr(target, fail)
+    _one_line_error(capsys, _repair(files, out_dir / "r.onnx"), "No space left on device")
+    assert list(out_dir.iterdir()) == []
+
+
+def test_failed_overwrite_of_the_set_keeps_every_old_file(files, out_dir, capsys, monkeypatch) -> None:
+    assert _repair(files, out_dir / "r.onnx") == 0
+    capsys.readouterr()
+    before = {p.name: _sha(p) for p in out_dir.iterdir()}
+    assert {"r.onnx", "r.masks.json", "r.mask_values.txt", "r.report.json", "r.report.md"} <= set(before)
+
+    def fail(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("anp_onnx.report.plot_masks", fail)
+    _one_line_error(capsys, _repair(files, out_dir / "r.onnx", "--overwrite"), "Input/output error")
+    assert {p.name: _sha(p) for p in out_dir.iterdir()} == before
+
+
+def test_failed_move_into_place_restores_the_old_files(tmp_path: Path, monkeypatch) -> None:
+    outputs = anp_onnx.outputs.OutputSet(overwrite=True)
+    a, b = outputs.add_output(tmp_path / "a", "a"), outputs.add_output(tmp_path / "b", "b")
+    a.write_text("old a")
+    b.write_text("old b")
+    real = os.replace
+    with outputs.check():
+        outputs.temp(a).write_text("new a")
+        outputs.temp(b).write_text("new b")
+
+        def replace(src, dst):
+            if Path(dst) == b and Path(src).name == "b":  # the new b, not the old one back
+                raise OSError(5, "Input/output error")
+            return real(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OutputError, match="nothing was written"):
+            outputs.commit()
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- 3. unwritable folder, up front
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(files, out_dir, capsys, monkeypatch) -> None:
+    masks_dir = out_dir / "masks"
+    masks_dir.mkdir()
+    for make in ("mkstemp", "mkdtemp"):  # root ignores permissions: the folder refuses new files instead
+        real = getattr(tempfile, make)
+
+        def refuse(*args, _real=real, **kwargs):
+            if Path(kwargs.get("dir") or "").resolve() == masks_dir.resolve():
+                raise PermissionError(13, "Permission denied")
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, make, refuse)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was converted before the output folder was checked")
+
+    monkeypatch.setattr("anp_onnx.api.open_context", no_work)
+    line = _one_line_error(capsys, _repair(files, out_dir / "r.onnx", "--masks-out", str(masks_dir / "m.json")),
+                           "Permission denied")
+    assert str(masks_dir) in line
+    assert list(out_dir.iterdir()) == [masks_dir] and list(masks_dir.iterdir()) == []
