@@ -18,8 +18,10 @@ renormalised neurons and the collapse probe run before it (:mod:`anp_onnx.learn`
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Optional
 
 import numpy as np
@@ -38,6 +40,7 @@ from .stages import MaskStage, register_mask_stage
 
 _LOGGER = logging.getLogger(__name__)
 BN_MODES = ("train", "eval")
+_WHOLE = ("steps", "iterations", "batch_size", "crop_padding", "seed", "target")
 #: Iterations when none are given: the reference's on a GPU, fewer on a CPU (see ANPConfig.resolve).
 REFERENCE_ITERATIONS = 2000
 CPU_ITERATIONS = 300
@@ -92,6 +95,14 @@ class ANPConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        for f in fields(self):  # numbers must be numbers, finite: NaN passes no "x < 0" check
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None or isinstance(value, str):
+                continue
+            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise SettingsError(f"invalid ANP settings: {f.name} must be a finite number, not {value!r}")
+            if f.name in _WHOLE and value != int(value):
+                raise SettingsError(f"invalid ANP settings: {f.name} must be a whole number, not {value!r}")
         if self.eps < 0 or self.targeted_eps < 0:
             problems.append("eps must be >= 0")
         if self.steps < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .anp import MaskResult
@@ -56,6 +57,10 @@ def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: O
         _LOGGER.info("collapse probe: %s", probe.describe())
     target = stage.noise_target(config, probe)
     result = stage.run(ctx, clean, config, target=target, progress=progress, cancel=cancel)
+    bad = [name for name, values in result.masks.items() if not np.all(np.isfinite(values))]
+    if bad:
+        raise SettingsError(f"the mask optimisation diverged: the masks of {bad[0]} are not finite numbers; "
+                            "use a smaller mask learning rate or perturbation budget")
     result.target, result.probe, result.stage = target, probe, stage.name
     result.centres = current_centres(ctx.modules)
     return result

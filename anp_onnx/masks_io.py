@@ -67,7 +67,7 @@ def save_masks_json(path: os.PathLike | str, masks: Mapping[str, np.ndarray], la
         "format": MASKS_FORMAT, "version": 1, **(dict(extra) if extra else {}),
         "layers": [entry(name, values) for name, values in masks.items()],
     }
-    _write_text(path, json.dumps(doc, indent=1))
+    _write_text(path, json.dumps(doc, indent=1, allow_nan=False))
 
 
 def save_mask_values_txt(path: os.PathLike | str, masks: Mapping[str, np.ndarray]) -> None:
@@ -90,17 +90,22 @@ def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such masks file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the masks file ({exc.strerror or exc})") from None
     if text.lstrip().startswith("{"):
         try:
-            doc = json.loads(text)
-            masks = {layer["name"]: np.asarray(layer["mask"], dtype=np.float32) for layer in doc["layers"]}
-            means = {layer["name"]: np.asarray(layer["mean_mask"], dtype=np.float32)
+            doc = json.loads(text, parse_constant=_no_constant)
+            if not isinstance(doc, dict) or not isinstance(doc["layers"], list):
+                raise TypeError("no list of layers")
+            masks = {_name(layer): _values(layer, "mask") for layer in doc["layers"]}
+            means = {layer["name"]: _values(layer, "mean_mask", len(masks[layer["name"]]))
                      for layer in doc["layers"] if "mean_mask" in layer}
-            centres = {layer["name"]: (np.asarray(layer["centre"], dtype=np.float32),
-                                       np.asarray(layer["spread"], dtype=np.float32))
+            centres = {layer["name"]: (_values(layer, "centre", len(masks[layer["name"]])),
+                                       _values(layer, "spread", len(masks[layer["name"]])))
                        for layer in doc["layers"] if "centre" in layer}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
         facts = {k: v for k, v in doc.items() if k != "layers"}
         if means:
@@ -109,6 +114,29 @@ def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str
             facts["centres"] = centres
         return masks, facts
     return _load_txt(path, text), {}
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a masks file may hold")
+
+
+def _name(layer: Any) -> str:
+    if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+        raise TypeError("a layer without a name")
+    return layer["name"]
+
+
+def _values(layer: dict, key: str, size: Optional[int] = None) -> np.ndarray:
+    """``layer[key]``: a list of finite numbers (of ``size`` values when given)."""
+    if not isinstance(layer[key], list):
+        raise TypeError(f"{key} of layer {layer['name']} is not a list of numbers")
+    values = np.asarray(layer[key], dtype=np.float32)
+    if values.ndim != 1 or (size is not None and values.size != size):
+        raise ValueError(f"{key} of layer {layer['name']} has {values.size} values, its mask "
+                         f"{size if size is not None else 'a flat list'}")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{key} of layer {layer['name']} holds values that are not finite")
+    return values
 
 
 def _load_txt(path: Path, text: str) -> dict[str, np.ndarray]:
@@ -120,8 +148,11 @@ def _load_txt(path: Path, text: str) -> dict[str, np.ndarray]:
         try:
             _, name, idx, value = parts[:4]
             rows.setdefault(name, {})[int(idx)] = float(value)
+            if not np.isfinite(rows[name][int(idx)]):
+                raise ValueError
         except ValueError:
-            raise DataError(f"{path}:{n}: expected 'No, Layer Name, Neuron Idx, Mask Score' columns") from None
+            raise DataError(f"{path}:{n}: expected 'No, Layer Name, Neuron Idx, Mask Score' columns, "
+                            "the score a finite number") from None
     if not rows:
         raise DataError(f"{path}: no mask values found")
     out = {}

@@ -9,6 +9,8 @@ and the automatic choice are measured (:class:`CurveSettings`). The public funct
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -60,6 +62,9 @@ class CurveSettings:
     max_fraction: float = DEFAULT_MAX_FRACTION
 
     def __post_init__(self) -> None:
+        for value in (self.max_drop, self.signal_max_drop, self.max_fraction):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise SettingsError(f"the pruning curve's settings must be finite numbers, not {value!r}")
         for value in (self.max_drop, self.signal_max_drop):
             if not 0 <= value <= 1:  # also refuses NaN
                 raise SettingsError("the accuracy budget (max drop) must be in [0, 1]")

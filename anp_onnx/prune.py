@@ -238,9 +238,14 @@ def match_masks(masks: Mapping[str, np.ndarray], layers: Sequence["NeuronLayer"]
     for layer in layers:
         if layer.name not in masks:
             continue
-        values = np.asarray(masks[layer.name], dtype=np.float32)
+        try:
+            values = np.asarray(masks[layer.name], dtype=np.float32)
+        except (TypeError, ValueError):
+            raise DataError(f"masks for {layer.name} are not numbers") from None
         if values.shape != (layer.size,):
             raise DataError(f"masks for {layer.name} have {values.size} values, the layer has {layer.size} neurons")
+        if not np.all(np.isfinite(values)):
+            raise DataError(f"masks for {layer.name} contain NaN or infinite values")
         out[layer.name] = values
     if not out:
         raise DataError("the masks match no layer of this model")

@@ -168,3 +168,107 @@ def test_unwritable_output_folder_is_refused_before_any_work(files, out_dir, cap
                            "Permission denied")
     assert str(masks_dir) in line
     assert list(out_dir.iterdir()) == [masks_dir] and list(masks_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 4. numbers validated where they enter
+
+
+@pytest.mark.parametrize("option", ["--eps", "--targeted-eps", "--mask-lr", "--alpha", "--momentum", "--max-drop",
+                                    "--signal-max-drop", "--holdout"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_cli_refuses_non_finite_numbers(files, out_dir, capsys, option, value) -> None:
+    rc = _repair(files, out_dir / "r.onnx", f"{option}={value}")
+    out, err = capsys.readouterr()
+    assert rc == 1 and "Traceback" not in err and "PASSED" not in out
+    assert option in err and "finite" in err, err
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("field", ["eps", "targeted_eps", "mask_lr", "alpha", "momentum"])
+def test_anp_config_refuses_nan_and_infinity(field) -> None:
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(anp_onnx.SettingsError, match=field):
+            anp_onnx.ANPConfig(**{field: value})
+    with pytest.raises(anp_onnx.SettingsError):
+        anp_onnx.ANPConfig(iterations=float("nan"))
+    with pytest.raises(anp_onnx.SettingsError):
+        anp_onnx.ANPConfig(steps=1.5)
+
+
+def test_curve_settings_refuse_nan() -> None:
+    from anp_onnx.options import CurveSettings
+
+    for kwargs in ({"max_drop": float("nan")}, {"signal_max_drop": float("inf")}, {"max_fraction": float("nan")}):
+        with pytest.raises(anp_onnx.SettingsError):
+            CurveSettings(**kwargs)
+
+
+def test_diverged_optimisation_writes_nothing(files, out_dir, monkeypatch) -> None:
+    from anp_onnx.anp import ANPStage
+
+    real = ANPStage.run
+
+    def nan_run(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        for values in result.masks.values():
+            values[:] = np.nan
+        return result
+
+    monkeypatch.setattr(ANPStage, "run", nan_run)
+    with pytest.raises(anp_onnx.SettingsError, match="diverged"):
+        anp_onnx.repair(files["model"], files["clean"], out=out_dir / "r.onnx",
+                        config=anp_onnx.ANPConfig(iterations=2, batch_size=16, device="cpu"),
+                        pruning=anp_onnx.PruneSpec.threshold(0.2))
+    assert list(out_dir.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def masks_doc(files) -> dict:
+    folder = files["root"] / "masks_source"
+    folder.mkdir()
+    assert _repair(files, folder / "r.onnx", "--no-report") == 0
+    return json.loads((folder / "r.masks.json").read_text())
+
+
+def _broken(doc: dict, change) -> dict:
+    doc = json.loads(json.dumps(doc))
+    change(doc["layers"][0])
+    return doc
+
+
+@pytest.mark.parametrize("what, change", [
+    ("nan mask", lambda layer: layer["mask"].__setitem__(0, float("nan"))),
+    ("infinite mask", lambda layer: layer["mask"].__setitem__(1, float("inf"))),
+    ("string mask", lambda layer: layer["mask"].__setitem__(0, "keep")),
+    ("nested mask", lambda layer: layer.__setitem__("mask", [layer["mask"]])),
+    ("short mean_mask", lambda layer: layer.__setitem__("mean_mask", layer["mask"][:-1])),
+    ("nan mean_mask", lambda layer: layer.__setitem__("mean_mask", [float("nan")] * len(layer["mask"]))),
+    ("short centre", lambda layer: layer.__setitem__("centre", layer["mask"][:-2])),
+    ("no name", lambda layer: layer.pop("name")),
+])
+def test_bad_masks_file_is_one_line(files, out_dir, capsys, masks_doc, what, change) -> None:
+    bad = out_dir / "bad.masks.json"
+    doc = _broken(masks_doc, change)
+    if "centre" in what:
+        doc["layers"][0]["spread"] = doc["layers"][0]["centre"]
+    bad.write_text(json.dumps(doc))  # json.dumps writes NaN/Infinity: what an attacker's file may hold
+    rc = main(["prune", str(files["model"]), "--masks", str(bad), "--out", str(out_dir / "p.onnx")])
+    line = _one_line_error(capsys, rc, str(bad))
+    assert "masks file" in line
+    assert not (out_dir / "p.onnx").exists()
+
+
+def test_masks_txt_with_nan_is_refused(files, out_dir, capsys) -> None:
+    bad = out_dir / "bad.mask_values.txt"
+    bad.write_text("No \t Layer Name \t Neuron Idx \t Mask Score \n0 \t /features/features.1/BatchNormalization "
+                   "\t 0 \t nan \n")
+    _one_line_error(capsys, main(["prune", str(files["model"]), "--masks", str(bad), "--out",
+                                  str(out_dir / "p.onnx")]), "finite")
+
+
+def test_masks_dict_with_nan_is_refused(files, out_dir) -> None:
+    rep = anp_onnx.Repairer.open(files["model"])
+    masks = {layer.name: np.full(layer.size, np.nan, dtype=np.float32) for layer in rep.layers}
+    with pytest.raises(anp_onnx.DataError, match="NaN"):
+        anp_onnx.prune(files["model"], masks, out=out_dir / "p.onnx", pruning=anp_onnx.PruneSpec.count(2))
+    assert list(out_dir.iterdir()) == []

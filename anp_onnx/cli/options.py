@@ -7,6 +7,7 @@ only here, so that they are easy to re-point when the root exports them.
 from __future__ import annotations
 
 import argparse
+import math
 
 from .. import (
     CPU_ITERATIONS, DEFAULT_HOLDOUT, DEFAULT_MAX_DROP, DEFAULT_SIGNAL_MAX_DROP, PRESETS, REFERENCE_ITERATIONS,
@@ -37,12 +38,20 @@ def _preprocessing(text: str) -> Preprocessing:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def holdout(text: str) -> float:
-    """A fraction in [0, 1) or a whole number of images."""
+def finite(text: str) -> float:
+    """A finite number (NaN and infinity slip through every range check written as ``x < 0``)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text!r}")
+    return value
+
+
+def holdout(text: str) -> float:
+    """A fraction in [0, 1) or a whole number of images."""
+    value = finite(text)
     if value < 0 or (value >= 1 and value != int(value)):
         raise argparse.ArgumentTypeError("give a fraction in [0, 1) or a whole number of images")
     return int(value) if value >= 1 else value
@@ -91,14 +100,14 @@ def pruning_options(p: argparse.ArgumentParser, auto_default: bool) -> None:
     x = g.add_mutually_exclusive_group()
     x.add_argument("--auto", action="store_true",
                    help="automatic choice from clean data only (needs held-out clean data; see the group's default)")
-    x.add_argument("--threshold", type=float,
+    x.add_argument("--threshold", type=finite,
                    help=f"prune every neuron with mask <= T (reference: {REFERENCE_THRESHOLD})")
     x.add_argument("--count", type=int, help="prune the K neurons with the lowest masks")
-    x.add_argument("--fraction", type=float, help="prune this fraction of all neurons, lowest masks first")
-    g.add_argument("--max-drop", type=float, default=DEFAULT_MAX_DROP,
+    x.add_argument("--fraction", type=finite, help="prune this fraction of all neurons, lowest masks first")
+    g.add_argument("--max-drop", type=finite, default=DEFAULT_MAX_DROP,
                    help=f"accuracy budget of --auto without a backdoor signal, as a fraction (default "
                         f"{DEFAULT_MAX_DROP} = 2 points)")
-    g.add_argument("--signal-max-drop", type=float, default=DEFAULT_SIGNAL_MAX_DROP,
+    g.add_argument("--signal-max-drop", type=finite, default=DEFAULT_SIGNAL_MAX_DROP,
                    help="most held-out accuracy --auto may spend to remove the backdoor signal (default "
                         f"{DEFAULT_SIGNAL_MAX_DROP} = 10 points)")
     p.set_defaults(auto_default=auto_default)
@@ -126,13 +135,13 @@ def anp_options(p: argparse.ArgumentParser) -> None:
                    help=f"optimisation iterations, one batch each (default: {REFERENCE_ITERATIONS}, the reference, "
                         f"on a GPU; {CPU_ITERATIONS} on a CPU)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
-    g.add_argument("--eps", type=float, default=d.eps, help="neuron perturbation budget of untargeted noise")
-    g.add_argument("--targeted-eps", type=float, default=d.targeted_eps,
+    g.add_argument("--eps", type=finite, default=d.eps, help="neuron perturbation budget of untargeted noise")
+    g.add_argument("--targeted-eps", type=finite, default=d.targeted_eps,
                    help="neuron perturbation budget of targeted noise (see --anp-target)")
     g.add_argument("--steps", type=int, default=d.steps, help="perturbation steps per iteration")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the clean loss (1-alpha: perturbed)")
-    g.add_argument("--mask-lr", type=float, default=d.mask_lr, help="SGD learning rate of the masks")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum of the masks")
+    g.add_argument("--alpha", type=finite, default=d.alpha, help="weight of the clean loss (1-alpha: perturbed)")
+    g.add_argument("--mask-lr", type=finite, default=d.mask_lr, help="SGD learning rate of the masks")
+    g.add_argument("--momentum", type=finite, default=d.momentum, help="SGD momentum of the masks")
     g.add_argument("--bn-mode", choices=["train", "eval"], default=d.bn_mode,
                    help="normalise with batch statistics (train, as the reference) or running statistics")
     g.add_argument("--no-augment", action="store_true", help="no random crop and flip of the clean images")
