@@ -297,12 +297,11 @@ def repair(
         get_refinement(name)
     options = ModelOptions(layout, preprocessing)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
-    inputs = {"clean data": data, "test data": test_data, "poisoned data": poisoned_data}
-    outputs = lambda m: repair_outputs(m, out, masks_path=masks_path, report=report,  # noqa: E731
-                                       overwrite=overwrite, inputs=inputs)
-    outputs(model)  # every output checked before any work; again with the model's external data files
+    checks = dict(masks_path=masks_path, report=report, overwrite=overwrite,
+                  inputs={"clean data": data, "test data": test_data, "poisoned data": poisoned_data})
+    repair_outputs(model, out, **checks)  # every output checked before any work; again with the model's data files
     loaded = load_model(model, layout=options.layout)
-    checked = outputs(loaded)
+    checked = repair_outputs(loaded, out, **checks)
     rep = Repairer(loaded, preprocessing=options.preprocessing, kinds=kinds, include=include, exclude=exclude)
     config = mask_stage_for(config).resolve(config)
     clean = data if isinstance(data, ImageSet) else rep.load_data(data)
@@ -379,13 +378,23 @@ def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.n
 def evaluate_model(model: os.PathLike | str, data: Optional[os.PathLike | str] = None, *,
                    poisoned: Optional[os.PathLike | str] = None, target: Optional[int] = None,
                    preprocessing: Optional[Preprocessing] = None, layout: Optional[str] = None,
-                   progress: Optional[ProgressCallback] = None) -> EvalResult:
-    """ACC (and ASR with ``poisoned``) of an ONNX model in onnxruntime; no conversion needed."""
+                   progress: Optional[ProgressCallback] = None,
+                   original: Optional[os.PathLike | str] = None) -> EvalResult:
+    """ACC (and ASR with ``poisoned``) of an ONNX model in onnxruntime; no conversion needed. The default
+    ``target``: the majority prediction on ``poisoned`` of the ``original`` model (the one before the
+    repair), else of ``model`` unless anp-onnx repaired it (its own predictions no longer show it)."""
     if data is None and poisoned is None:
         raise SettingsError("give clean test data, triggered test data, or both")
     loaded = load_model(model, layout=layout)
     pre = preprocessing or preprocessing_from_metadata(loaded) or Preprocessing()
-    spec = loaded.input
-    load = lambda p: load_images(p, size=spec.size, channels=spec.channels, num_classes=loaded.num_classes)  # noqa: E731
-    return evaluate(loaded, load(data) if data else None, pre, poisoned=load(poisoned) if poisoned else None,
-                    target=target, progress=progress)
+    spec, classes = loaded.input, loaded.num_classes
+    load = lambda p: load_images(p, size=spec.size, channels=spec.channels, num_classes=classes)  # noqa: E731
+    triggered, inferred = load(poisoned) if poisoned else None, target is None and original is not None
+    if triggered is not None and inferred:
+        target = evaluate(load_model(original, layout=layout), None, pre, poisoned=triggered).target
+    elif triggered is not None and target is None and "pruned" in read_metadata(loaded.proto):
+        raise SettingsError(f"{model} was repaired by anp-onnx: its own predictions do not show the attack's "
+                            "target; give the target class (--target) or the model before the repair (--original)")
+    result = evaluate(loaded, load(data) if data else None, pre, poisoned=triggered, target=target,
+                      progress=progress)
+    return replace(result, target_inferred=True) if inferred and triggered is not None else result

@@ -272,3 +272,38 @@ def test_masks_dict_with_nan_is_refused(files, out_dir) -> None:
     with pytest.raises(anp_onnx.DataError, match="NaN"):
         anp_onnx.prune(files["model"], masks, out=out_dir / "p.onnx", pruning=anp_onnx.PruneSpec.count(2))
     assert list(out_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- 5. the attack's target
+
+
+@pytest.fixture(scope="module")
+def backdoor(tmp_path_factory) -> dict[str, Path]:
+    """An original model and another one marked as repaired by anp-onnx (its metadata)."""
+    import onnx
+
+    root = tmp_path_factory.mktemp("target")
+    model = tiny_model(root / "original.onnx", seed=0)
+    proto = onnx.load(str(tiny_model(root / "other.onnx", seed=5)))
+    onnx.helper.set_model_props(proto, {"anp_onnx.pruned": json.dumps({"mode": "count", "value": 1})})
+    repaired = root / "repaired.onnx"
+    onnx.save_model(proto, str(repaired))
+    triggered = random_images(60, seed=7)
+    save_npz(ImageSet(triggered.x, (np.arange(60) % 10).astype(np.int64)), root / "triggered.npz")
+    return {"model": model, "repaired": repaired, "triggered": root / "triggered.npz"}
+
+
+def test_evaluate_repaired_model_without_target_asks_for_it(backdoor, capsys) -> None:
+    rc = main(["evaluate", str(backdoor["repaired"]), "--poisoned", str(backdoor["triggered"])])
+    _one_line_error(capsys, rc, "--target")
+
+
+def test_evaluate_takes_the_target_from_the_original(backdoor, capsys) -> None:
+    original = anp_onnx.evaluate_model(backdoor["model"], poisoned=backdoor["triggered"])
+    got = anp_onnx.evaluate_model(backdoor["repaired"], poisoned=backdoor["triggered"], original=backdoor["model"])
+    assert got.target == original.target and got.target_inferred
+    given = anp_onnx.evaluate_model(backdoor["repaired"], poisoned=backdoor["triggered"], target=original.target)
+    assert got.asr == given.asr
+    assert main(["evaluate", str(backdoor["repaired"]), "--poisoned", str(backdoor["triggered"]),
+                 "--original", str(backdoor["model"])]) == 0
+    assert "inferred from the original model's predictions" in capsys.readouterr().out

@@ -19,7 +19,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("--data", help="clean test images (class folders or .npz)")
     p.add_argument("--poisoned", help="triggered test images with their true labels")
-    p.add_argument("--target", type=int, help="target class (default: majority prediction on --poisoned)")
+    p.add_argument("--target", type=int, help="target class (default: majority prediction on --poisoned of "
+                                              "--original, else of MODEL unless anp-onnx repaired it)")
+    p.add_argument("--original", help="the model before the repair: its predictions on --poisoned give the target")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     return p
 
@@ -30,14 +32,15 @@ def attempted(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     result = evaluate_model(args.model, args.data, poisoned=args.poisoned, target=args.target,
-                            preprocessing=args.preprocess, layout=args.layout)
+                            preprocessing=args.preprocess, layout=args.layout, original=args.original)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         if result.accuracy is not None:
             print(f"clean accuracy        {render.pct(result.accuracy)}  ({result.n_clean} images)")
         if result.asr is not None:
-            how = "inferred from predictions" if result.target_inferred else "given"
+            how = ("given" if not result.target_inferred else "inferred from predictions" if args.original is None
+                   else "inferred from the original model's predictions")
             print(f"attack success rate   {render.pct(result.asr)}  ({result.n_poisoned} triggered images, "
                   f"target {result.target} {how})")
     render.passed(f"{args.model} evaluated in onnxruntime: {render.scores(result)}", json_output=args.json)
