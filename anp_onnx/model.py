@@ -142,6 +142,11 @@ def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str],
     files = frozenset(
         str((path.parent / e.value).resolve()) for t in external_tensors for e in t.external_data if e.key == "location"
     )
+    folder = path.parent.resolve()
+    outside = sorted(f for f in files if not Path(f).is_relative_to(folder))
+    if outside:
+        raise ModelError(f"{path}: its external data file {outside[0]} lies outside the model's folder "
+                         "(through '..' or a symbolic link); it is not read")
     if external:
         try:
             onnx.load_external_data_for_model(model, str(path.parent))

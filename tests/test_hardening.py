@@ -307,3 +307,21 @@ def test_evaluate_takes_the_target_from_the_original(backdoor, capsys) -> None:
     assert main(["evaluate", str(backdoor["repaired"]), "--poisoned", str(backdoor["triggered"]),
                  "--original", str(backdoor["model"])]) == 0
     assert "inferred from the original model's predictions" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- 6. loaders
+
+
+def test_external_data_behind_a_symlink_outside_the_folder_is_not_read(tmp_path: Path, capsys) -> None:
+    import onnx
+
+    secret_dir, model_dir = tmp_path / "elsewhere", tmp_path / "model"
+    secret_dir.mkdir()
+    model_dir.mkdir()
+    proto = onnx.load(str(tiny_model(tmp_path / "plain.onnx", seed=3)))
+    onnx.save_model(proto, str(secret_dir / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    os.replace(secret_dir / "model.onnx", model_dir / "model.onnx")
+    (model_dir / "weights.bin").symlink_to(secret_dir / "weights.bin")
+    line = _one_line_error(capsys, main(["inspect", str(model_dir / "model.onnx")]), "outside the model's folder")
+    assert "weights.bin" in line
