@@ -195,7 +195,10 @@ def _load_folder(root: Path, size: tuple[int, int] | None, channels: int, limit:
 def _load_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
     """Images (N, C, H, W) float32 in [0, 1], labels and class names from an .npz file."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy (one array) named .npz
+            raise DataError(f"{path} holds one array, not an .npz archive of 'x' (images) and 'y' (labels)")
+        with loaded as npz:
             keys = list(npz.keys())
             xk = next((k for k in ("x", "images") if k in npz), None)
             yk = next((k for k in ("y", "labels") if k in npz), None)

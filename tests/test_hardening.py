@@ -325,3 +325,10 @@ def test_external_data_behind_a_symlink_outside_the_folder_is_not_read(tmp_path:
     (model_dir / "weights.bin").symlink_to(secret_dir / "weights.bin")
     line = _one_line_error(capsys, main(["inspect", str(model_dir / "model.onnx")]), "outside the model's folder")
     assert "weights.bin" in line
+
+
+def test_npy_named_npz_is_one_line(files, out_dir, capsys) -> None:
+    fake = out_dir / "images.npz"
+    with open(fake, "wb") as f:
+        np.save(f, np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(fake)]), "not an .npz archive")
