@@ -35,6 +35,7 @@ from .export import PARITY_IMAGES, export, random_images
 from .finish import Evaluation, finish, refine, repair_outputs, save_masks
 from .learn import learn_masks
 from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_path
+from .metadata import preprocessing_from_metadata, read_metadata
 from .model import LoadedModel, load_model
 from .neurons import NeuronLayer
 from .options import DEFAULT_HOLDOUT, CurveSettings, ModelOptions, NeuronSelection
@@ -45,24 +46,12 @@ from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_m
 from .results import ExportResult, ModelInfo, RepairResult
 from .stages import get_refinement, mask_stage_for
 from .sweep import measure_curve
-from .writeback import read_metadata
 
 __all__ = ["Repairer", "repair", "prune", "inspect_model", "evaluate_model", "ModelInfo", "ExportResult",
            "RepairResult", "DEFAULT_HOLDOUT", "default_masks_path", "mask_values_path"]
 
 _LOGGER = logging.getLogger(__name__)
 ImagesLike = os.PathLike | str | ImageSet
-
-
-def preprocessing_from_metadata(model: LoadedModel) -> Optional[Preprocessing]:
-    """The preprocessing an earlier anp-onnx run recorded in the model, if any."""
-    entry = read_metadata(model.proto).get("preprocessing")
-    if isinstance(entry, dict):
-        try:
-            return Preprocessing.from_dict(entry)
-        except Exception:  # noqa: BLE001 - metadata written by another version: ignore it
-            return None
-    return None
 
 
 class Repairer:
@@ -74,7 +63,7 @@ class Repairer:
     def __init__(self, model: LoadedModel, *, preprocessing: Optional[Preprocessing] = None,
                  kinds: Optional[Sequence[str]] = None, include: Optional[Sequence[str]] = None,
                  exclude: Optional[Sequence[str]] = None) -> None:
-        pre = preprocessing or preprocessing_from_metadata(model) or Preprocessing()
+        pre = preprocessing or preprocessing_from_metadata(model.proto) or Preprocessing()
         self.ctx = open_context(model, pre, NeuronSelection.of(kinds, include, exclude))
         self.parity: Optional[float] = None
         self._sha256: Optional[str] = None
@@ -386,7 +375,7 @@ def evaluate_model(model: os.PathLike | str, data: Optional[os.PathLike | str] =
     if data is None and poisoned is None:
         raise SettingsError("give clean test data, triggered test data, or both")
     loaded = load_model(model, layout=layout)
-    pre = preprocessing or preprocessing_from_metadata(loaded) or Preprocessing()
+    pre = preprocessing or preprocessing_from_metadata(loaded.proto) or Preprocessing()
     spec, classes = loaded.input, loaded.num_classes
     load = lambda p: load_images(p, size=spec.size, channels=spec.channels, num_classes=classes)  # noqa: E731
     triggered, inferred = load(poisoned) if poisoned else None, target is None and original is not None

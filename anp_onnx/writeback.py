@@ -3,13 +3,12 @@
 The repaired model is the user's model with only the pruned channels' initializer values changed
 (and, for a renormalised conv/Gemm neuron without a bias, one new bias initializer): same nodes,
 node names, inputs and outputs, opset, IR version and producer. ``metadata_props`` gain
-``anp_onnx.*`` entries recording what was done. Writing the file safely is :mod:`anp_onnx.outputs`.
+``anp_onnx.*`` entries recording what was done (:mod:`anp_onnx.metadata`). Writing the file safely is :mod:`anp_onnx.outputs`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -17,11 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 from .graph import InitializerEditor
+from .metadata import set_metadata
 from .neurons import NeuronLayer, get_kind
 from .prune import PrunePlan
-
-METADATA_PREFIX = "anp_onnx."
-
 
 def write_back(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: PrunePlan,
               metadata: Optional[Mapping[str, object]] = None,
@@ -46,29 +43,6 @@ def write_back(model: onnx.ModelProto, layers: Sequence[NeuronLayer], plan: Prun
             get_kind(layer.kind).write_back(layer, idx, editor, centre_of.get(layer.name))
     set_metadata(out, metadata or {})
     return out, editor
-
-
-def set_metadata(model: onnx.ModelProto, entries: Mapping[str, object]) -> None:
-    """Replace ``anp_onnx.<key>`` metadata entries (JSON values); other entries are kept."""
-    keep = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(keep)
-    for key, value in entries.items():
-        prop = model.metadata_props.add()
-        prop.key = METADATA_PREFIX + key
-        prop.value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
-    """The ``anp_onnx.*`` metadata of a model, JSON-decoded where possible."""
-    out: dict[str, object] = {}
-    for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
-            try:
-                out[p.key[len(METADATA_PREFIX):]] = json.loads(p.value)
-            except ValueError:
-                out[p.key[len(METADATA_PREFIX):]] = p.value
-    return out
 
 
 def replace_initializer(model: onnx.ModelProto, name: str, values: np.ndarray) -> None:

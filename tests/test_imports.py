@@ -11,7 +11,7 @@ import pytest
 import anp_onnx
 
 TORCH_FREE = ["anp_onnx", "anp_onnx.evaluate", "anp_onnx.model", "anp_onnx.data", "anp_onnx.preprocessing",
-              "anp_onnx.runtime", "anp_onnx.passes"]
+              "anp_onnx.runtime", "anp_onnx.passes", "anp_onnx.metadata", "anp_onnx.results", "anp_onnx.options"]
 
 
 ROOT = Path(__file__).resolve().parents[1]
