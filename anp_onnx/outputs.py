@@ -19,20 +19,6 @@ from onnx.external_data_helper import set_external_data
 
 from .errors import ModelError, OutputError
 
-def check_output_path(out: os.PathLike | str, source: Optional[os.PathLike | str], overwrite: bool) -> Path:
-    """Refuse an output equal to the input, in a missing folder, or existing without ``overwrite``."""
-    out = Path(out)
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise OutputError(f"the output {out} is the input model; choose another path (the input is never overwritten)")
-    if out.is_dir():
-        raise OutputError(f"the output {out} is a folder; give a file name ending in .onnx")
-    if not out.parent.exists():
-        raise OutputError(f"the output folder {out.parent} does not exist")
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
-    return out
-
-
 def save_model(model: onnx.ModelProto, out: os.PathLike | str, external: Sequence[str] = (),
                validate: Optional[Callable[[Path], None]] = None,
                outputs: Optional["OutputSet"] = None) -> list[Path]:
@@ -91,15 +77,6 @@ def _save_staged(model: onnx.ModelProto, out: Path, external: Sequence[str],
     if validate is not None:
         validate(staged)
     return [out] + ([out.parent / data_name] if (staged.parent / data_name).exists() else [])
-
-
-def check_data_path(out: Path, source_files: frozenset[str], overwrite: bool) -> None:
-    """Refuse an external-data file ``<out>.data`` that is the input's, or exists without overwrite."""
-    data = out.with_name(out.name + ".data")
-    if str(data.resolve()) in source_files:
-        raise OutputError(f"{data} holds the input model's weights; write the output elsewhere")
-    if data.exists() and not overwrite:
-        raise OutputError(f"{data} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def external_names_for(model: onnx.ModelProto, original_external: frozenset[str], copies: Mapping[str, str]) -> list[str]:

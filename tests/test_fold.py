@@ -395,8 +395,8 @@ def test_external_data_source(tmp_path: Path, same_folder: bool) -> None:
     assert {p.name: _sha(p) for p in src_dir.iterdir() if p.name in hashes} == hashes
 
 
-DATA_FILE_BUG = ("BUG: the external data file <out>.data is never checked: fold.py save_model os.replace()s it "
-                 "into place (fold.py ~line 104) but check_output_path (fold.py ~line 76) only checks <out> itself. "
+DATA_FILE_BUG = ("BUG: the external data file <out>.data is never checked: outputs.save_model os.replace()s it "
+                 "into place but the output checks (outputs.OutputSet) only cover <out> itself. "
                  "Fix: in Repairer.export, when tensors go external, refuse <out>.data if it resolves to one of "
                  "the source's external data files, and if it exists without overwrite")
 
