@@ -29,7 +29,7 @@ _EXPORTS: dict[str, str] = {
     "Repairer": "api", "evaluate_model": "api", "inspect_model": "api", "prune": "api", "repair": "api",
     "ExportResult": "results", "ModelInfo": "results", "RepairResult": "results",
     "DEFAULT_HOLDOUT": "options", "DEFAULT_MAX_DROP": "options", "DEFAULT_SIGNAL_MAX_DROP": "options",
-    "CurveSettings": "options", "ModelOptions": "options", "NeuronSelection": "options",
+    "CurveSettings": "options", "NeuronSelection": "options",
     "default_masks_path": "masks_io", "mask_values_path": "masks_io", "load_masks": "masks_io",
     "CollapseProbe": "collapse",
     "RepairContext": "context",

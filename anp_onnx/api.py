@@ -22,10 +22,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .anp import ANPConfig, MaskResult
+from .anp import ANPConfig, MaskResult, resolve_device
 from .calibrate import calibrate, current_centres, set_centres
 from .collapse import find_target, probe_supported
-from .context import RepairContext, open_context
+from .context import open_context
 from .convert import parity
 from .curve import PruningCurve
 from .data import ImageSet, load_images
@@ -38,7 +38,7 @@ from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_p
 from .metadata import preprocessing_from_metadata, read_metadata
 from .model import LoadedModel, load_model
 from .neurons import NeuronLayer
-from .options import DEFAULT_HOLDOUT, CurveSettings, ModelOptions, NeuronSelection
+from .options import DEFAULT_HOLDOUT, CurveSettings, NeuronSelection
 from .preprocessing import Preprocessing
 from .progress import CancelToken, ProgressCallback
 from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_masks, plan_from_neurons, \
@@ -131,8 +131,6 @@ class Repairer:
                       cancel: Optional[CancelToken] = None) -> PruningCurve:
         """Clean accuracy on ``clean`` against neurons pruned in mask order, and the automatic choice
         (see :func:`anp_onnx.sweep.measure_curve`)."""
-        from .anp import resolve_device
-
         masks = match_masks(masks, self.layers)
         settings = CurveSettings(max_drop, signal_max_drop, max_fraction)
         return measure_curve(self.ctx, masks, rank_neurons(masks, tiebreak), clean, settings,
@@ -284,14 +282,13 @@ def repair(
     start = time.perf_counter()
     for name in refinements:  # unknown names fail before any work
         get_refinement(name)
-    options = ModelOptions(layout, preprocessing)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
     checks = dict(masks_path=masks_path, report=report, overwrite=overwrite,
                   inputs={"clean data": data, "test data": test_data, "poisoned data": poisoned_data})
     repair_outputs(model, out, **checks)  # every output checked before any work; again with the model's data files
-    loaded = load_model(model, layout=options.layout)
+    loaded = load_model(model, layout=layout)
     checked = repair_outputs(loaded, out, **checks)
-    rep = Repairer(loaded, preprocessing=options.preprocessing, kinds=kinds, include=include, exclude=exclude)
+    rep = Repairer(loaded, preprocessing=preprocessing, kinds=kinds, include=include, exclude=exclude)
     config = mask_stage_for(config).resolve(config)
     clean = data if isinstance(data, ImageSet) else rep.load_data(data)
     test, poisoned = _as_images(rep, test_data), _as_images(rep, poisoned_data)

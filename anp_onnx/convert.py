@@ -29,12 +29,10 @@ from .passes import (
     precompute_constants, run_passes, strip_output_softmax, unique_node_names,
 )
 from .preprocessing import Preprocessing
-from .runtime import PARITY_ATOL, PARITY_RTOL, max_abs_diff, ort_logits, parity_limit, to_model_input, within_parity
+from .runtime import max_abs_diff, ort_logits, parity_limit, to_model_input, within_parity
 
 __all__ = [
     "Converted", "unsupported_ops", "convert", "ClassifierNet", "install_neurons", "torch_logits", "parity",
-    # onnxruntime side, importable from here as before
-    "ort_logits", "to_model_input", "PARITY_ATOL", "PARITY_RTOL",
 ]
 
 _LOGGER = logging.getLogger(__name__)

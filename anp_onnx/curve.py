@@ -145,7 +145,7 @@ def compute_curve(
     measured: dict[int, CurvePoint] = {}
     with_signal = suspected_target is not None
 
-    above: list[Optional[float]] = [None]  # the signal's exact value matters only up to the gone level
+    gone_level: Optional[float] = None  # the signal's exact value matters only up to it (None: exactly)
 
     def point(k: int, signal: bool = False) -> CurvePoint:
         if k not in measured:
@@ -154,13 +154,12 @@ def compute_curve(
             measured[k] = CurvePoint(k, ranking[k - 1].mask if k else 0.0, acc, asr)
         if signal and measured[k].signal is None:
             check(cancel)
-            measured[k] = replace(measured[k], signal=evaluate(ranking[:k], True, above[0])[2])
+            measured[k] = replace(measured[k], signal=evaluate(ranking[:k], True, gone_level)[2])
         return measured[k]
 
     grid = grid_counts(int(np.floor(max_fraction * total)))
     baseline = point(0, with_signal).accuracy
     gone_level = GONE_FRACTION * (measured[0].signal or 0.0) if with_signal else 0.0
-    above[0] = gone_level
     floor_ok = baseline - max_drop
     floor_signal = baseline - signal_max_drop
     far = baseline - max(3 * max_drop, 0.10, signal_max_drop + 0.05 if with_signal else 0.0)

@@ -2,7 +2,7 @@
 
 Images are held as :class:`ImageSet` (float32 ``(N, C, H, W)`` in ``[0, 1]`` plus int64 labels).
 What the model wants on top of that (scaling to 0..255, mean/std normalisation) is a
-:class:`~anp_onnx.preprocessing.Preprocessing` (re-exported here), applied per batch, so the data
+:class:`~anp_onnx.preprocessing.Preprocessing`, applied per batch, so the data
 itself stays model-independent. Training augmentation is in :mod:`anp_onnx.augment`.
 
 :func:`load_images` reads an ImageFolder-style directory (one sub-folder per class) or an ``.npz``
@@ -22,31 +22,17 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
 from .errors import DataError, SettingsError
-from .preprocessing import PRESETS, Preprocessing  # noqa: F401 - re-exported: their old home
 
 _LOGGER = logging.getLogger(__name__)
 _RESIZE_CHUNK_BYTES = 64 * 1024 * 1024
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _LUMA = (0.299, 0.587, 0.114)
-#: Names that moved to :mod:`anp_onnx.augment` (torch), still importable from here.
-_AUGMENT = ("augment_batch", "default_crop_padding")
-
-
-def __getattr__(name: str) -> Any:
-    """``augment_batch``/``default_crop_padding`` from :mod:`anp_onnx.augment`, imported on first use."""
-    if name in _AUGMENT:
-        from . import augment
-
-        return getattr(augment, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     """Labelled images: ``x`` float32 ``(N, C, H, W)`` in ``[0, 1]``, ``y`` int64 ``(N,)``.

@@ -25,7 +25,7 @@ from .model import InputSpec, LoadedModel, load_model
 from .outputs import OutputSet, check_written, external_names_for, save_model
 from .prune import PrunePlan
 from .results import ExportResult
-from .runtime import PARITY_ATOL, PARITY_RTOL, ort_logits, to_model_input
+from .runtime import max_abs_diff, ort_logits, parity_limit, to_model_input, within_parity
 from .writeback import write_back
 
 _LOGGER = logging.getLogger(__name__)
@@ -117,9 +117,8 @@ def verify(ctx: RepairContext, path: Path, plan: PrunePlan, images: ImageSet) ->
     ref = ort_logits(written, to_model_input(written, x, ctx.preprocessing))
     with ctx.pruned(plan) as net:
         got = net.to_model_output(torch_logits(net, x))
-    diff = float(np.max(np.abs(ref - got)))
-    limit = PARITY_ATOL + PARITY_RTOL * float(np.max(np.abs(ref)))
-    if not np.isfinite(diff) or diff > limit:
+    diff, limit = max_abs_diff(ref, got), parity_limit(ref)
+    if not within_parity(diff, limit):
         raise ModelError(f"verification failed: the repaired model differs from the pruned torch model "
                          f"by {diff:.3g} (> {limit:.3g}); nothing was written")
     _LOGGER.info("verified in onnxruntime: max |diff| vs pruned torch model = %.2e", diff)

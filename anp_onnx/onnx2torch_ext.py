@@ -22,13 +22,12 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional
 
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConversionError
-from .shapes import complete_group_norm_shapes, infer_shapes  # noqa: F401 - infer_shapes: its old home
+from .shapes import complete_group_norm_shapes
 
 _TYPES_ONLY = {
     "Cast": (19, 21), "Constant": (19, 21), "ConstantOfShape": (20, 21), "Equal": (19,), "Flatten": (21,),

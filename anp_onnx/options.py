@@ -1,9 +1,9 @@
 """Settings shared by the pipeline's stages, as frozen option objects validated on construction.
 
 The ANP hyper-parameters are :class:`anp_onnx.anp.ANPConfig` and how much to prune is
-:class:`anp_onnx.prune.PruneSpec`; the objects here say how to read the model
-(:class:`ModelOptions`), which neurons to use (:class:`NeuronSelection`) and how the pruning curve
-and the automatic choice are measured (:class:`CurveSettings`). The public functions of
+:class:`anp_onnx.prune.PruneSpec`; the objects here say which neurons to use
+(:class:`NeuronSelection`) and how the pruning curve and the automatic choice are measured
+(:class:`CurveSettings`). The public functions of
 :mod:`anp_onnx.api` take their fields as keyword arguments and build them.
 """
 
@@ -12,12 +12,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from .errors import SettingsError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .preprocessing import Preprocessing
 
 #: Fraction of the clean data held out (stratified) for the pruning curve and automatic choice.
 DEFAULT_HOLDOUT = 0.2
@@ -27,15 +24,6 @@ DEFAULT_MAX_DROP = 0.02
 DEFAULT_SIGNAL_MAX_DROP = 0.10
 #: The pruning curve is measured up to this fraction of all neurons.
 DEFAULT_MAX_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """How to read the model: its input layout (None: from the model) and the preprocessing it expects
-    (None: what an earlier anp-onnx run recorded in the file, else images in [0, 1])."""
-
-    layout: Optional[str] = None
-    preprocessing: Optional["Preprocessing"] = None
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,6 @@ def rule_kind(result) -> str:
 
 def torch_ort_check(rep, result, test, model: BenchModel) -> dict:
     """Do torch (the repair's plan as masks) and onnxruntime (the written file) agree on the test set?"""
-    import numpy as np
     from anp_onnx.convert import torch_logits
     from anp_onnx.evaluate import predict
     from anp_onnx.model import load_model

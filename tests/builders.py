@@ -181,9 +181,22 @@ def torch_with_plan(rep, plan, x: np.ndarray) -> np.ndarray:
 
 def ort_on(path, x: np.ndarray) -> np.ndarray:
     """onnxruntime logits of the ONNX file at ``path`` on images ``x`` (no preprocessing)."""
-    from anp_onnx.convert import ort_logits, to_model_input
-    from anp_onnx.data import Preprocessing
+    from anp_onnx.runtime import ort_logits, to_model_input
+    from anp_onnx.preprocessing import Preprocessing
     from anp_onnx.model import load_model
 
     loaded = load_model(path)
     return ort_logits(loaded, to_model_input(loaded, x, Preprocessing()))
+
+
+def command_files(root: Path) -> dict[str, Path]:
+    """A tiny model with clean, test and triggered-looking .npz sets in ``root`` (the CLI tests' files)."""
+    from anp_onnx.data import ImageSet, save_npz
+
+    f = {"root": root, "model": tiny_model(root / "model.onnx", seed=0)}
+    save_npz(random_images(64, seed=0), root / "clean.npz")
+    save_npz(random_images(40, seed=1), root / "test.npz")
+    poisoned = random_images(30, seed=2)
+    save_npz(ImageSet(poisoned.x, (np.arange(30) % 3).astype(np.int64)), root / "poisoned.npz")
+    f.update(clean=root / "clean.npz", test=root / "test.npz", poisoned=root / "poisoned.npz")
+    return f

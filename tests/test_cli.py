@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 import anp_onnx
 from anp_onnx.cli import main
 from anp_onnx.data import ImageSet, save_image_folder, save_npz
-from builders import random_images, tiny_model
+from builders import command_files, random_images, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER1 = "/features/features.1/BatchNormalization"
@@ -75,14 +75,7 @@ def _pct(v: float) -> str:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli")
-    f = {"root": root, "model": tiny_model(root / "model.onnx", seed=0)}
-    save_npz(random_images(64, seed=0), root / "clean.npz")
-    save_npz(random_images(40, seed=1), root / "test.npz")
-    poisoned = random_images(30, seed=2)
-    save_npz(ImageSet(poisoned.x, (np.arange(30) % 3).astype(np.int64)), root / "poisoned.npz")
-    f.update(clean=root / "clean.npz", test=root / "test.npz", poisoned=root / "poisoned.npz")
-    return f
+    return command_files(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 from anp_onnx.convert import ClassifierNet, convert, parity, unsupported_ops
-from anp_onnx.data import Preprocessing
+from anp_onnx.preprocessing import Preprocessing
 from anp_onnx.errors import ConversionError
 from anp_onnx.model import load_model
 from anp_onnx.runtime import ort_logits, to_model_input

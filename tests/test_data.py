@@ -11,15 +11,9 @@ import torch
 from PIL import Image
 
 from anp_onnx.augment import augment_batch, default_crop_padding
-from anp_onnx.data import (
-    PRESETS,
-    ImageSet,
-    Preprocessing,
-    load_images,
-    save_image_folder,
-    save_npz,
-)
+from anp_onnx.data import ImageSet, load_images, save_image_folder, save_npz
 from anp_onnx.errors import DataError, SettingsError
+from anp_onnx.preprocessing import PRESETS, Preprocessing
 
 
 def _rgb(seed: int, h: int = 8, w: int = 8, c: int = 3) -> np.ndarray:

@@ -17,7 +17,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import anp_onnx
-from anp_onnx.data import ImageSet, Preprocessing, save_npz
+from anp_onnx.data import ImageSet, save_npz
+from anp_onnx.preprocessing import Preprocessing
 from anp_onnx.errors import Cancelled, DataError, SettingsError
 from anp_onnx.evaluate import EvalResult, evaluate, predict
 from anp_onnx.model import from_proto, load_model

@@ -16,7 +16,7 @@ import anp_onnx
 from anp_onnx.cli import main
 from anp_onnx.data import ImageSet, save_npz
 from anp_onnx.errors import OutputError
-from builders import random_images, tiny_model
+from builders import command_files, random_images, tiny_model
 
 TINY = ["--iterations", "2", "--batch-size", "16", "--device", "cpu", "--threshold", "0.2"]
 
@@ -38,14 +38,7 @@ def _one_line_error(capsys: pytest.CaptureFixture[str], rc: int, contains: str =
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("harden")
-    f = {"root": root, "model": tiny_model(root / "model.onnx", seed=0)}
-    save_npz(random_images(64, seed=0), root / "clean.npz")
-    save_npz(random_images(40, seed=1), root / "test.npz")
-    poisoned = random_images(30, seed=2)
-    save_npz(ImageSet(poisoned.x, (np.arange(30) % 3).astype(np.int64)), root / "poisoned.npz")
-    f.update(clean=root / "clean.npz", test=root / "test.npz", poisoned=root / "poisoned.npz")
-    return f
+    return command_files(tmp_path_factory.mktemp("harden"))
 
 
 @pytest.fixture

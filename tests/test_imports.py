@@ -44,14 +44,3 @@ def test_prune_stays_the_function_whatever_is_imported_first():
                   "assert inspect.isfunction(prune) and inspect.isfunction(anp_onnx.prune), anp_onnx.prune\n"
                   "assert prune is anp_onnx.api.prune\n")
     assert done.returncode == 0, done.stderr
-
-
-def test_moved_names_keep_their_old_import_path():
-    from anp_onnx import augment, data, preprocessing, runtime
-    from anp_onnx.convert import PARITY_ATOL, PARITY_RTOL, ort_logits, to_model_input
-
-    assert data.Preprocessing is preprocessing.Preprocessing and data.PRESETS is preprocessing.PRESETS
-    assert data.augment_batch is augment.augment_batch
-    assert data.default_crop_padding is augment.default_crop_padding
-    assert (ort_logits, to_model_input) == (runtime.ort_logits, runtime.to_model_input)
-    assert (PARITY_ATOL, PARITY_RTOL) == (runtime.PARITY_ATOL, runtime.PARITY_RTOL)

@@ -101,7 +101,7 @@ def test_a_refinement_is_written_back_and_verified(registered, tmp_path):
     model = tiny_model(tmp_path / "m.onnx")
     data = random_images(60)
     spec = anp_onnx.PruneSpec.count(3)
-    plain = anp_onnx.repair(model, data, out=tmp_path / "plain.onnx", config=RandomScores(), pruning=spec,
+    anp_onnx.repair(model, data, out=tmp_path / "plain.onnx", config=RandomScores(), pruning=spec,
                             holdout=0, report=False)
     refined = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(), pruning=spec,
                               holdout=0, report=False, refinements=["bias-test"])
