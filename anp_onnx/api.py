@@ -38,12 +38,13 @@ from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_p
 from .metadata import preprocessing_from_metadata, read_metadata
 from .model import LoadedModel, load_model
 from .neurons import NeuronLayer
-from .options import DEFAULT_HOLDOUT, CurveSettings, NeuronSelection
+from .options import DEFAULT_HOLDOUT, DEFAULT_REFINEMENTS, CurveSettings, NeuronSelection
 from .preprocessing import Preprocessing
 from .progress import CancelToken, ProgressCallback
 from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_masks, plan_from_neurons, \
     plan_pruning, rank_neurons
 from .results import ExportResult, ModelInfo, RepairResult
+from . import unlearn as _unlearn  # noqa: F401  (registers the "unlearn" refinement)
 from .stages import get_refinement, mask_stage_for
 from .sweep import measure_curve
 
@@ -261,7 +262,7 @@ def repair(
     exclude: Optional[Sequence[str]] = None,
     report: bool = True,
     signal_max_drop: float = CurveSettings.signal_max_drop,
-    refinements: Sequence[str] = (),
+    refinements: Sequence[str] = DEFAULT_REFINEMENTS,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> RepairResult:
@@ -277,7 +278,8 @@ def repair(
     ``test_data`` and ``poisoned_data`` (triggered images with their true labels) add ACC/ASR before
     and after, measured in onnxruntime; they never influence what is pruned. Masks are saved as
     JSON and mask_values.txt next to the output unless ``masks_out`` says where. ``refinements``
-    names registered stages that run on the pruned model before it is written (none by default).
+    names registered stages that run on the pruned model before it is written (default: "unlearn",
+    anp_onnx.unlearn; () for none).
     """
     start = time.perf_counter()
     for name in refinements:  # unknown names fail before any work
@@ -316,13 +318,17 @@ def repair(
             progress=progress, cancel=cancel)
     plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
-    initializers, _ = refine(rep.ctx, plan, clean, refinements, progress=progress, cancel=cancel)
+    initializers, refined = refine(rep.ctx, plan, clean, refinements, target=result.target, device=result.device,
+                             seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
     stages = stages_ran(diff, result, curve) + list(refinements)
-    return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
+    repaired = finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
                   masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),
                   metadata={"data": clean.source}, parity=diff, stages=tuple(stages), initializers=initializers,
                   started=start, outputs=checked)
+    repaired.refinements = {name: {"metrics": r.metrics, "seconds": round(r.seconds, 1),
+                                   "initializers": len(r.initializers)} for name, r in zip(refinements, refined)}
+    return repaired
 
 
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,

@@ -100,18 +100,21 @@ def save_masks(ctx: RepairContext, masks: Mapping[str, np.ndarray], path: Path,
 
 
 def refine(ctx: RepairContext, plan: PrunePlan, clean: ImageSet, names: Sequence[str], *,
+           target: Optional[int] = None, device: str = "cpu", seed: int = 0, holdout: Optional[ImageSet] = None,
            progress: Optional[ProgressCallback] = None,
            cancel: Optional[CancelToken] = None) -> tuple[dict[str, np.ndarray], list[RefinementResult]]:
     """Run the refinements ``names`` (registered, see :mod:`anp_onnx.stages`) on the pruned model, in order.
 
-    Returns the initializers to write (later refinements win) and each refinement's result.
+    ``target`` is the suspected backdoor target, if any. Returns the initializers to write (later
+    refinements win) and each refinement's result.
     """
     initializers: dict[str, np.ndarray] = {}
     results = []
     for name in names:
         stage = get_refinement(name)
         with ctx.pruned(plan):
-            results.append(stage.run(ctx, plan, clean, progress=progress, cancel=cancel))
+            results.append(stage.run(ctx, plan, clean, target=target, device=device, seed=seed, holdout=holdout,
+                                      progress=progress, cancel=cancel))
         initializers.update(results[-1].initializers)
     return initializers, results
 

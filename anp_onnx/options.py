@@ -18,6 +18,8 @@ from .errors import SettingsError
 
 #: Fraction of the clean data held out (stratified) for the pruning curve and automatic choice.
 DEFAULT_HOLDOUT = 0.2
+#: Refinements run after the pruning by default (see anp_onnx.unlearn; benchmarks/README.md).
+DEFAULT_REFINEMENTS = ("unlearn",)
 #: Accuracy budget (fraction) of the automatic choice when there is no backdoor signal.
 DEFAULT_MAX_DROP = 0.02
 #: Largest held-out accuracy drop (fraction) the automatic choice may spend to make the signal go.

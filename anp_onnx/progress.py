@@ -27,6 +27,7 @@ class Stage(str, Enum):
     WRITE_BACK = "write-back"
     VERIFY = "verify"
     EVALUATE = "evaluate"
+    REFINE = "refine"
     REPORT = "report"
 
     def __str__(self) -> str:

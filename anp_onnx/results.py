@@ -85,6 +85,8 @@ class RepairResult:
     curve: Optional["PruningCurve"] = None
     stages: list[str] = field(default_factory=list)
     masks_source: str = "learnt in this run"
+    #: refinement name -> its figures ("metrics", "seconds", "initializers": how many it changed)
+    refinements: dict[str, dict] = field(default_factory=dict)
 
     @property
     def pruned(self) -> dict[str, list[int]]:

@@ -87,10 +87,15 @@ class Refinement(ABC):
     description: ClassVar[str]
 
     @abstractmethod
-    def run(self, ctx: "RepairContext", plan: "PrunePlan", clean: "ImageSet", *,
+    def run(self, ctx: "RepairContext", plan: "PrunePlan", clean: "ImageSet", *, target: Optional[int] = None,
+            device: str = "cpu", seed: int = 0, holdout: Optional["ImageSet"] = None,
             progress: Optional["ProgressCallback"] = None,
             cancel: Optional["CancelToken"] = None) -> RefinementResult:
-        """Refine the pruned model on ``clean``; return the initializers to write."""
+        """Refine the pruned model on ``clean``; return the initializers to write.
+
+        ``target`` is the suspected backdoor target (the collapse probe's, None when it named none),
+        ``device`` where to compute (the net is on the CPU before and must be after), ``holdout``
+        the held-out clean images (not to train on; None when there are none)."""
 
 
 _MASK_STAGES: dict[str, MaskStage] = {}

@@ -109,7 +109,7 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
         model.path, sets.clean, out=tmp / f"{model.name}.onnx", config=config, pruning=pruning,
         preprocessing=model.preprocessing, test_data=sets.test,
         poisoned_data=sets.triggered if one_target else None, target=model.target if one_target else None,
-        masks_out=tmp / f"{model.name}.masks.json", report=False)
+        masks_out=tmp / f"{model.name}.masks.json", report=False, refinements=args.refinements)
     seconds = time.perf_counter() - t0
     opt = result.optimisation
     row = {
@@ -125,6 +125,7 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
         "signal_gone": result.curve.signal_gone if result.curve is not None else None,
         "rule_kind": rule_kind(result), "rule": result.curve.rule if result.curve is not None else None,
         "chosen": result.curve.to_dict()["chosen"] if result.curve is not None else None,
+        "refinements": result.refinements,
     }
     if sets.triggered is None:
         return row
@@ -179,6 +180,9 @@ def main(argv=None) -> int:
                    help="the method is the reference ANP loop (untargeted) with pruning threshold 0.2")
     p.add_argument("--pruning", type=parse_spec, help="auto[=budget], threshold=T, count=K "
                    "(default: auto; threshold=0.2 with --reference)")
+    p.add_argument("--refinements", nargs="*", default=None, metavar="NAME",
+                   help="refinements after the pruning (default: anp-onnx's, 'unlearn'; none with --reference; "
+                        "give no name for none)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (default ../shared)")
@@ -188,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--from", dest="from_json", type=Path, help="print the table of a saved JSON (no run)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = p.parse_args(argv)
+    if args.refinements is None:
+        from anp_onnx.options import DEFAULT_REFINEMENTS
+        args.refinements = () if args.reference else DEFAULT_REFINEMENTS
     if args.from_json:
         rows = json.loads(args.from_json.read_text())["rows"]
         print(table(rows))

@@ -47,7 +47,8 @@ class ClassifierBias(Refinement):
     description = "shift the classifier bias (test)"
     honest = True
 
-    def run(self, ctx, plan, clean, *, progress=None, cancel=None) -> RefinementResult:
+    def run(self, ctx, plan, clean, *, target=None, device="cpu", seed=0, holdout=None, progress=None,
+            cancel=None) -> RefinementResult:
         gemm = next(n for n in ctx.model.proto.graph.node if n.op_type == "Gemm")
         linear = ctx.module_for(gemm.output[0])
         with torch.no_grad():

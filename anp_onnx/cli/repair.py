@@ -29,10 +29,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test", help="clean test images to measure accuracy before and after")
     p.add_argument("--poisoned", help="triggered test images (true labels) to measure attack success rate")
     p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
+    p.add_argument("--refine", choices=["unlearn", "none"], default=None,
+                   help="after the pruning: unlearn = reconstruct a trigger for the suspected target (and the class "
+                        "a per-class scan finds) and unlearn it, changing weights (default); none = pruning only "
+                        "(the default with --reference)")
     neuron_options(p)
     anp_options(p)
     pruning_options(p, auto_default=True)
     return p
+
+
+def _refinements(args: argparse.Namespace) -> tuple[str, ...]:
+    choice = args.refine or ("none" if args.reference else "unlearn")
+    return () if choice == "none" else (choice,)
 
 
 def attempted(args: argparse.Namespace) -> str:
@@ -47,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             preprocessing=args.preprocess, layout=args.layout, holdout=args.holdout, test_data=args.test,
             poisoned_data=args.poisoned, target=args.target, masks_out=args.masks_out, overwrite=args.overwrite,
             kinds=args.kinds, include=args.layers, exclude=args.exclude_layers, report=not args.no_report,
-            signal_max_drop=args.signal_max_drop, progress=bar,
+            signal_max_drop=args.signal_max_drop, refinements=_refinements(args), progress=bar,
         )
     finally:
         bar.close()
@@ -86,6 +95,8 @@ def _print_result(result: RepairResult) -> None:
               f"{pct(c.baseline)} -> {pct(c.chosen.accuracy)}; rule: {c.rule}")
         if result.plan.spec.mode != "auto":
             print(f"used instead: {result.plan.spec.describe()}")
+    for name, facts in result.refinements.items():
+        print(f"refinement {name}: {render.refinement_line(facts)}")
     print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
           f"on {result.optimisation.device}; total {result.seconds:.1f} s")
     for f in result.files:

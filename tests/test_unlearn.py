@@ -1,0 +1,77 @@
+"""The "unlearn" refinement: trigger reconstruction for the suspected target, then unlearning.
+
+Real parts: models trained here with a planted backdoor, exported to ONNX (BatchNorm kept and
+folded), repaired through :func:`anp_onnx.repair`, measured in onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import anp_onnx
+from anp_onnx.data import save_npz
+from anp_onnx.unlearn import reconstruct_trigger, trainable_initializers
+from builders import add_trigger, synthetic_images, tiny_model, train_backdoored
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_every_weight_initializer_is_matched_to_its_torch_tensor(tmp_path, fold):
+    path = tiny_model(tmp_path / "m.onnx", fold_bn=fold)
+    rep = anp_onnx.Repairer.open(path)
+    found = {t.name: t for t in trainable_initializers(rep.ctx)}
+    graph = rep.model.proto.graph
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    expected = set()
+    for node in graph.node:
+        positions = {"Conv": (1, 2), "Gemm": (1, 2), "BatchNormalization": (1, 2)}.get(node.op_type, ())
+        expected |= {node.input[p] for p in positions if p < len(node.input) and node.input[p] in inits}
+    assert set(found) == expected
+    for name, t in found.items():  # the torch tensor holds exactly the initializer's values
+        np.testing.assert_array_equal(t.value(), inits[name])
+    assert len({id(t.tensor) for t in found.values()}) == len(found)
+
+
+def test_a_reconstructed_trigger_sends_clean_images_to_the_target(tmp_path):
+    path = train_backdoored(tmp_path / "b.onnx", target=3)
+    rep = anp_onnx.Repairer.open(path)
+    clean = synthetic_images(300, seed=3)
+    trigger = reconstruct_trigger(rep.ctx.net, clean, 3, steps=150)
+    assert trigger.success >= 0.9
+    assert trigger.area < 0.25 * 16 * 16  # a patch, not a new image
+    assert tuple(trigger.mask.shape) == (1, 1, 16, 16) and float(trigger.mask.min()) >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fold", [False, True])
+def test_unlearning_removes_a_planted_backdoor_and_writes_verified_weights(tmp_path, fold):
+    model = train_backdoored(tmp_path / "backdoored.onnx", target=0, fold_bn=fold)
+    clean, test = synthetic_images(300, seed=3), synthetic_images(1000, seed=2)
+    save_npz(clean, tmp_path / "clean.npz")
+    save_npz(test, tmp_path / "test.npz")
+    save_npz(add_trigger(test), tmp_path / "triggered.npz")
+    result = anp_onnx.repair(
+        model, tmp_path / "clean.npz", out=tmp_path / "repaired.onnx",
+        config=anp_onnx.ANPConfig(iterations=30, batch_size=64, seed=0, target=0),
+        pruning=anp_onnx.PruneSpec.count(0), refinements=("unlearn",),
+        test_data=tmp_path / "test.npz", poisoned_data=tmp_path / "triggered.npz")
+    before, after = result.before, result.after
+    assert before.asr > 0.95 and after.asr < 0.2
+    assert after.accuracy > before.accuracy - 0.05
+    assert "unlearn" in result.stages and result.plan.count == 0
+    # the same graph, only initializers changed, and onnxruntime agrees with the refined torch model
+    original, repaired = onnx.load(model), onnx.load(result.output)
+    assert [n.op_type for n in original.graph.node] == [n.op_type for n in repaired.graph.node]
+    assert [n.name for n in original.graph.node] == [n.name for n in repaired.graph.node]
+    changed = [a.name for a, b in zip(original.graph.initializer, repaired.graph.initializer)
+               if not np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))]
+    assert changed and set(changed) <= set(result.export.changed_initializers)
+    assert result.export.max_abs_diff < 1e-3
+
+
+def test_an_unknown_refinement_fails_before_any_work(tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    with pytest.raises(anp_onnx.SettingsError, match="unknown refinement"):
+        anp_onnx.repair(model, synthetic_images(40, seed=0), out=tmp_path / "r.onnx", refinements=("nope",))
+    assert not (tmp_path / "r.onnx").exists()
