@@ -148,6 +148,9 @@ class PruningCurvePlot(PlotCanvas):
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent, width=6.0, height=3.2)
         self.current_line = None
+        self.unmeasured = None  # the shaded region beyond the last measured point, when the choice is there
+        self.unmeasured_note = None
+        self.measured_to = 0
         self.placeholder("The pruning curve appears here once it is computed")
 
     def show_curve(self, points: Sequence, chosen=None, total: Optional[int] = None, *,
@@ -173,9 +176,12 @@ class PruningCurvePlot(PlotCanvas):
                     label=f"automatic choice ({chosen.count})")
             ax.axvline(chosen.count, color=_GREEN, linewidth=1, linestyle="--")
         self.current_line = ax.axvline(0, color=_GREY, linewidth=1.5, visible=False, label="_your choice")
+        self.unmeasured = None
+        self.unmeasured_note = ax.text(0.99, 0.02, "not measured beyond here", transform=ax.transAxes, ha="right",
+                                       va="bottom", fontsize="small", color=_GREY, visible=False)
+        self.measured_to = max(counts, default=0)
         ax.set_ylim(-0.02, 1.05)
-        right = max(max(counts, default=1), 1)
-        ax.set_xlim(-0.02 * right, 1.03 * right)
+        self._set_right(self.measured_to)
         ax.set_xlabel("neurons pruned (lowest masks first)" + (f", of {total}" if total else ""))
         ax.set_ylabel("rate")
         ax.grid(True, alpha=0.3)
@@ -183,10 +189,26 @@ class PruningCurvePlot(PlotCanvas):
         ax.set_title("Pruning curve", fontsize="medium")
         self.draw_idle()
 
+    def _set_right(self, right: float) -> None:
+        right = max(right, 1)
+        self.ax.set_xlim(-0.02 * right, 1.03 * right)
+
     def mark(self, count: Optional[int]) -> None:
+        """Mark the current choice; beyond the measured points the axis widens to show it, and the
+        part the curve did not measure is shaded."""
         if self.current_line is None:
             return
         self.current_line.set_visible(count is not None)
+        if self.unmeasured is not None:
+            self.unmeasured.remove()
+            self.unmeasured = None
+        beyond = count is not None and count > self.measured_to
+        self._set_right(max(self.measured_to, count or 0))
         if count is not None:
             self.current_line.set_xdata([count, count])
+            self.current_line.set_linestyle(":" if beyond else "-")
+        if beyond:
+            self.unmeasured = self.ax.axvspan(self.measured_to, self.ax.get_xlim()[1], color=_GREY, alpha=0.15,
+                                              linewidth=0, label="_not measured")
+        self.unmeasured_note.set_visible(beyond)
         self.draw_idle()

@@ -9,10 +9,10 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
-from anp_onnx import REFERENCE_THRESHOLD, PruneSpec, rank_neurons
+from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, rank_neurons
 
 from ..plots import PruningCurvePlot
-from .base import Page, esc, pct, rich
+from .base import WARN, Page, esc, pct, rich
 from .widgets import NeuronTable
 
 THRESHOLD_STEPS = 1000
@@ -42,7 +42,9 @@ class PrunePage(Page):
         self.mode.currentIndexChanged.connect(lambda: self._mode_changed(touched=True))
         self.slider = QSlider(Qt.Orientation.Horizontal, self)
         self.slider.setObjectName("pruneSlider")
-        self.slider.valueChanged.connect(lambda v: self._value_set(v))
+        self.slider.setToolTip("How many neurons to prune (lowest masks first). In Automatic mode, moving it "
+                               "switches to 'Number of neurons'.")
+        self.slider.valueChanged.connect(self._slider_moved)
         self.count = QSpinBox(self)
         self.count.setObjectName("pruneCount")
         self.count.valueChanged.connect(lambda v: self._value_set(v))
@@ -59,18 +61,21 @@ class PrunePage(Page):
         self.budget.setRange(0.0, 50.0)
         self.budget.setDecimals(1)
         self.budget.setSingleStep(0.5)
-        self.budget.setPrefix("accuracy may drop ")
+        self.budget.setPrefix("accuracy budget ")
         self.budget.setSuffix(" points")
         self.budget.setValue(float(self.settings.get("prune/max_drop", 2.0)))
         self.budget.setToolTip("Without a backdoor signal (no suspected target, or it does not go within 10 points), "
                                "the automatic choice prunes until clean accuracy on held-out images first falls more "
                                "than this many percentage points below the original model's.")
         self.budget.editingFinished.connect(self._budget_changed)
+        self.drop_label = rich(self, "", "measuredDrop")
+        self.drop_label.setWordWrap(False)
+        self.drop_label.setToolTip("The held-out clean accuracy the automatic choice costs, as measured on the curve.")
         self.auto = QPushButton("Use automatic choice", self)
         self.auto.setObjectName("autoButton")
         self.auto.clicked.connect(self.use_automatic)
         for w, stretch in ((self.mode, 0), (self.slider, 1), (self.count, 0), (self.threshold, 0), (self.budget, 0),
-                           (self.auto, 0)):
+                           (self.drop_label, 0), (self.auto, 0)):
             row.addWidget(w, stretch)
         self.body.addLayout(row)
         self.summary = rich(self, "", "pruneSummary")
@@ -108,7 +113,7 @@ class PrunePage(Page):
         for w in (self.mode, self.count, self.threshold, self.budget, self.auto, self.curve_button,
                   self.neurons.layer_filter):
             w.setEnabled(not busy)
-        self.slider.setEnabled(not busy and self.mode.currentData() != "auto")
+        self.slider.setEnabled(not busy and self.session.masks is not None)
         self.auto.setEnabled(not busy and self.session.curve is not None)
 
     # -- masks and selection ------------------------------------------------------------------
@@ -152,6 +157,7 @@ class PrunePage(Page):
         self.count.setVisible(mode == "count")
         self.threshold.setVisible(mode == "threshold")
         self.budget.setVisible(mode == "auto")
+        self.drop_label.setVisible(mode == "auto")
         self._syncing = True
         self.slider.setRange(0, THRESHOLD_STEPS if mode == "threshold" else len(self._ranked))
         self._syncing = False
@@ -179,6 +185,18 @@ class PrunePage(Page):
             self.threshold.setValue(value / THRESHOLD_STEPS)
         finally:
             self._syncing = False
+
+    def _slider_moved(self, value: int) -> None:
+        """The user moved the slider; in Automatic mode that means "this many neurons" instead."""
+        if self._syncing or self.session.masks is None:
+            return
+        if self.mode.currentData() == "auto":
+            self.mode.blockSignals(True)
+            self.mode.setCurrentIndex(self.mode.findData("count"))
+            self.mode.blockSignals(False)
+            self._mode_changed(touched=True)
+            self.win.status.setText("Moving the slider switched the choice to 'Number of neurons'.")
+        self._value_set(value)
 
     def _value_set(self, value: int, touched: bool = True) -> None:
         mode = self.mode.currentData()
@@ -221,14 +239,39 @@ class PrunePage(Page):
         if plan.count:
             text += f"; highest pruned mask {self._threshold_for(plan.count):.3f}"
         if s.curve is not None and s.curve.points:
-            point = s.curve.at(plan.count)
-            near = "at" if point.count == plan.count else "near"
-            text += (f". Curve {near} {point.count}: clean accuracy <b>{pct(point.accuracy)}</b>"
-                     + (f", attack success rate <b>{pct(point.asr)}</b>" if point.asr is not None else ""))
+            text += self._curve_figures(s.curve, plan.count)
         self.summary.setText(text + ".")
+        self._show_drop(spec)
         self.plot.mark(plan.count)
         self.neurons.set_plan(plan)
         self.win.plan_changed()
+
+    @staticmethod
+    def _curve_figures(curve, count: int) -> str:
+        """What the curve measured for pruning ``count`` neurons; beyond its last point, that it was not measured."""
+        last = curve.points[-1]
+        if count > last.count:
+            return (f". <span style='color:{WARN}'><b>Accuracy not measured</b> for {count} neurons: the curve "
+                    f"stops at {last.count} neurons (clean accuracy {pct(last.accuracy)} there); pruning more "
+                    f"usually costs more.</span>")
+        point = curve.at(count)
+        where = f"at {count}" if point.count == count else f"at its nearest measured point, {point.count} neurons"
+        return (f". Curve {where}: clean accuracy <b>{pct(point.accuracy)}</b> ({drop_text(curve.baseline, point)})"
+                + (f", attack success rate <b>{pct(point.asr)}</b>" if point.asr is not None else ""))
+
+    def _show_drop(self, spec: PruneSpec) -> None:
+        """Next to the budget: what the automatic choice really costs, warned about when beyond the budget."""
+        curve = self.session.curve
+        if spec.mode != "auto" or curve is None:
+            self.drop_label.setText("")
+            return
+        drop = curve.baseline - curve.chosen.accuracy
+        text = f"measured: {drop_text(curve.baseline, curve.chosen)}"
+        if drop > self.budget.value() / 100 + 1e-9:
+            why = (f"the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g} points"
+                   if curve.signal_gone else f"the curve was measured with a budget of {100 * curve.max_drop:g}")
+            text = f"<span style='color:{WARN}'><b>{text}</b>, more than the budget ({why})</span>"
+        self.drop_label.setText(text)
 
     def use_automatic(self) -> None:
         if self.session.curve is not None:
@@ -297,3 +340,12 @@ class PrunePage(Page):
             self.use_automatic()
         self.set_busy(self.win.runner.busy)
         self.curveFinished.emit("done")
+
+
+def drop_text(baseline: float, point) -> str:
+    """How far ``point``'s clean accuracy is below the unpruned ``baseline``, in percentage points."""
+    drop = 100 * (baseline - point.accuracy)
+    if abs(drop) < 0.05:
+        return "no accuracy drop"
+    return f"{drop:.1f} points below the unpruned {pct(baseline)}" if drop > 0 else \
+        f"{-drop:.1f} points above the unpruned {pct(baseline)}"
