@@ -87,7 +87,7 @@ def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
     with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
         qtbot.mouseClick(win.export_page.export_button, Qt.MouseButton.LeftButton)
     assert exported.args == ["done"]
-    assert out.is_file() and "PASSED" in win.export_page.result.text()
+    assert out.is_file() and "PASSED" in win.export_page.file_verdict.text()
     assert win.session.export.max_abs_diff is not None and win.session.export.max_abs_diff < 1e-3
     loaded = anp_onnx.load_model(out)
     assert loaded.num_classes == 10

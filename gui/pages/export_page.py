@@ -7,6 +7,7 @@ confirms before replacing files, and shows the :class:`anp_onnx.RepairResult`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from PySide6.QtCore import Signal
 from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
@@ -15,7 +16,8 @@ import anp_onnx
 from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths
 
 from ..dialogs import confirm
-from .base import Page, esc, pct, rich
+from ..verdict import judge
+from .base import ERROR, GOOD, WARN, Page, esc, pct, rich
 
 
 class ExportPage(Page):
@@ -57,10 +59,16 @@ class ExportPage(Page):
         h2.addWidget(self.export_button)
         h2.addStretch(1)
         self.body.addLayout(h2)
+        self.file_verdict = rich(self, "", "fileVerdict")
+        self.body.addWidget(self.file_verdict)
+        self.repair_verdict = rich(self, "", "repairVerdict")
+        self.body.addWidget(self.repair_verdict)
         self.result = rich(self, "", "exportResult")
         self.body.addWidget(self.result)
         self.body.addStretch(1)
         self._default_for = None
+        self.verdict = None  # the last export's RepairVerdict
+        self.last_result: Optional[RepairResult] = None
 
     def ready(self) -> bool:
         return self.session.plan is not None
@@ -83,7 +91,12 @@ class ExportPage(Page):
             self.plan_label.setText(f"Will prune <b>{s.plan.count} of {s.plan.total} neurons</b> "
                                     f"({esc(s.plan.spec.describe())}); masks: {esc(s.masks_source)}.")
         if s.export is None:
-            self.result.setText("")
+            self.clear_result()
+
+    def clear_result(self, text: str = "") -> None:
+        self.file_verdict.setText("")
+        self.repair_verdict.setText("")
+        self.result.setText(text)
 
     def browse(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save the repaired model", self.output.text(),
@@ -122,7 +135,7 @@ class ExportPage(Page):
                                     "\n".join(str(p) for p in existing), yes="Replace"):
             return
         self.settings.remember_folder("export", out)
-        self.result.setText("exporting and verifying…")
+        self.clear_result("exporting and verifying…")
         self.win.runner.start("Export", self._job(out, replace_input, bool(existing)),
                               on_success=self._done, on_failure=self._failed)
 
@@ -148,9 +161,19 @@ class ExportPage(Page):
     def _done(self, result: RepairResult) -> None:
         self.session.export = result.export
         diff = result.export.max_abs_diff
-        text = (f"<p><b style='color:#1a7f37'>PASSED</b>: {esc(result.export.path)} was written, checked by onnx "
-                f"and verified in onnxruntime: it gives the outputs of the pruned model (largest difference "
-                f"{diff:.1e}).</p>")
+        self.file_verdict.setText(
+            f"<b>The file is valid: <span style='color:{GOOD}'>PASSED</span></b>. {esc(result.export.path)} was "
+            f"written, checked by onnx and verified in onnxruntime: it gives the outputs of the pruned model "
+            f"(largest difference {diff:.1e}).")
+        verdict = judge(result)
+        colour = {True: GOOD, False: WARN, None: "#555"}[verdict.good]
+        lines = [f"<span style='color:{WARN}'>⚠ {esc(w)}</span>" for w in verdict.warnings] + \
+            [f"✓ {esc(f)}" for f in verdict.findings]
+        self.repair_verdict.setText(
+            f"<b>The repair: <span style='color:{colour}'>{esc(verdict.headline)}</span></b>"
+            + ("<br>" + "<br>".join(lines) if lines else ""))
+        self.verdict, self.last_result = verdict, result
+        text = ""
         rows = []
         hb, ha, b, a = result.holdout_before, result.holdout_after, result.before, result.after
         if hb is not None and ha is not None:
@@ -170,6 +193,6 @@ class ExportPage(Page):
         self.exportFinished.emit("done")
 
     def _failed(self, failure) -> None:
-        self.result.setText(f"<span style='color:#b00020'><b>Export failed:</b> {esc(failure.message)}</span> "
-                            "Nothing was left half-written.")
+        self.clear_result(f"<span style='color:{ERROR}'><b>Export failed:</b> {esc(failure.message)}</span> "
+                          "Nothing was left half-written.")
         self.exportFinished.emit("failed")
