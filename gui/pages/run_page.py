@@ -73,6 +73,7 @@ class RunPage(Page):
         self.body.addWidget(split, 1)
         self._started = 0.0
         self._drawn = 0.0
+        self._kept_centres = None  # the renormalised layers' centres before a run (put back if it does not finish)
         self.refresh()
 
     def ready(self) -> bool:
@@ -115,8 +116,9 @@ class RunPage(Page):
             self.win.error("Cannot start", str(exc))
             return
         rep, train = s.repairer, s.train
-        s.reset_from("masks")
-        self.win.session_changed()
+        # the last finished result (masks, curve, choice) stays until this run finishes: a cancel or a
+        # failure keeps it; the run only changes the renormalised layers' centres, saved to put back
+        self._kept_centres = rep.centres
         self.state = "running"
         self.progress.setRange(0, config.iterations)
         self.progress.setValue(0)
@@ -156,6 +158,7 @@ class RunPage(Page):
 
     def _done(self, result: anp_onnx.MaskResult, config: anp_onnx.ANPConfig) -> None:
         self.state = "done"
+        self._kept_centres = None
         self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks,
                        result.target, config)
         self.progress.setValue(self.progress.maximum())
@@ -166,16 +169,36 @@ class RunPage(Page):
     def _cancelled(self) -> None:
         self.state = "cancelled"
         self.eta.setText("Cancelled.")
-        self.result.setText("<b>Cancelled.</b> The masks of the stopped run were discarded; nothing was written.")
+        self.result.setText("<b>Cancelled.</b> The masks of the stopped run were discarded; nothing was written."
+                            + self._keep_previous())
         self.set_busy(False)
         self.runFinished.emit("cancelled")
 
     def _failed(self, failure) -> None:
         self.state = "failed"
         self.eta.setText("Failed.")
-        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>")
+        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>"
+                            + self._keep_previous())
         self.set_busy(False)
         self.runFinished.emit("failed")
+
+    def _keep_previous(self) -> str:
+        """After a run that did not finish: the previous result is still the session's; say so, show it again."""
+        s = self.session
+        if self._kept_centres is not None:
+            s.repairer.set_centres(self._kept_centres)  # as the kept masks were learnt
+            self._kept_centres = None
+        if s.masks is None:
+            self.loss_plot.reset()
+            return ""
+        self.mask_plot.show_masks(s.masks, threshold=REFERENCE_THRESHOLD)
+        if s.mask_result is not None:
+            self.loss_plot.set_history(s.mask_result.history)
+        else:
+            self.loss_plot.reset()
+        choice = f" and the choice of {s.plan.count} neurons" if s.plan is not None else ""
+        return (f"<br>The previous masks ({esc(s.masks_source)}){choice} are kept: <b>Prune</b> and <b>Export</b> "
+                "work on them.")
 
     def use_masks(self, masks: dict, source: str, result=None, mean_masks=None, suspected_target=None,
                   config=None) -> None:

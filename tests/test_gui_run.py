@@ -1,0 +1,58 @@
+"""The Run step: a new run keeps the last finished result until it finishes, and every stage of a
+run (calibration, collapse probe, ANP) is named on screen with its progress (issue #14)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import Qt
+
+import anp_onnx
+from builders import tiny_model
+from gui_support import (  # noqa: F401 - fixtures by name
+    TIMEOUT, files, load_clean, open_model, settings, visible_errors, win,
+)
+
+
+def run_to_end(qtbot, win) -> None:
+    with qtbot.waitSignal(win.run_page.runFinished, timeout=TIMEOUT) as finished:
+        win.run_page.start()
+    assert finished.args == ["done"]
+
+
+def test_a_cancelled_run_keeps_the_previous_result(qtbot, win, files):
+    work, _, clean = files
+    model = tiny_model(work / "folded.onnx", fold_bn=True)  # renormalised conv neurons: the run sets centres
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.settings_page.set_values(iterations=6, batch_size=16)
+    win.go_to("run")
+    run_to_end(qtbot, win)
+    s = win.session
+    masks, result, centres = s.masks, s.mask_result, s.repairer.centres
+    assert centres  # the first run renormalised the conv neurons
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
+        win.go_to("prune")
+    win.prune_page.set_spec(anp_onnx.PruneSpec.count(3))
+    curve, plan = s.curve, s.plan
+    assert win.export_page.ready()
+
+    # a second run with other settings (no renormalisation: the centres are cleared when it starts) ...
+    win.settings_page.set_values(iterations=1_000_000, renormalise=False)
+    win.go_to("run")
+    win.run_page.start()
+    assert s.masks is masks and s.plan is plan  # nothing is thrown away when a run starts
+    qtbot.waitUntil(lambda: win.run_page.progress.value() >= 20, timeout=TIMEOUT)
+    assert not s.repairer.centres  # the running stage cleared them
+    with qtbot.waitSignal(win.run_page.runFinished, timeout=5000) as finished:
+        qtbot.mouseClick(win.run_page.cancel_button, Qt.MouseButton.LeftButton)
+    assert finished.args == ["cancelled"]
+    # ... is cancelled: the earlier masks, centres, curve and choice are all still there and usable
+    assert s.masks is masks and s.mask_result is result and s.curve is curve and s.plan is plan
+    assert set(s.repairer.centres) == set(centres)
+    for name, (mean, spread) in centres.items():
+        np.testing.assert_array_equal(s.repairer.centres[name][0], mean)
+        np.testing.assert_array_equal(s.repairer.centres[name][1], spread)
+    assert win.prune_page.ready() and win.export_page.ready()
+    assert "previous masks" in win.run_page.result.text() and "kept" in win.run_page.result.text()
+    assert win.steps.item(5).flags() & Qt.ItemFlag.ItemIsEnabled
+    assert not visible_errors(win)
