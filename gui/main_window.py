@@ -267,6 +267,7 @@ class MainWindow(QMainWindow):
             self.status.setText("Stopping the current task before closing…")
             event.ignore()
             return
+        self.runner.wait(3000)  # a task that has reported but not yet ended: no thread outlives the window
         self.settings.set("window/geometry", self.saveGeometry())
         self.settings.sync()
         self.log.detach()

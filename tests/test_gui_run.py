@@ -9,7 +9,7 @@ from PySide6.QtCore import Qt
 import anp_onnx
 from builders import tiny_model
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, files, load_clean, open_model, settings, visible_errors, win,
+    TIMEOUT, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
 )
 
 
@@ -55,4 +55,49 @@ def test_a_cancelled_run_keeps_the_previous_result(qtbot, win, files):
     assert win.prune_page.ready() and win.export_page.ready()
     assert "previous masks" in win.run_page.result.text() and "kept" in win.run_page.result.text()
     assert win.steps.item(5).flags() & Qt.ItemFlag.ItemIsEnabled
+    assert not visible_errors(win)
+
+
+def test_every_stage_of_a_run_is_named_with_its_progress(qtbot, win, files):
+    work, _, clean = files
+    open_model(qtbot, win, tiny_model(work / "folded.onnx", fold_bn=True))
+    load_clean(qtbot, win, clean)
+    win.settings_page.set_values(iterations=12, batch_size=16)
+    win.go_to("run")
+    shown: list[tuple[str, str, str]] = []  # (stage, what the label said, the bar's format) after each event
+    page = win.run_page
+    with qtbot.waitSignal(page.runFinished, timeout=TIMEOUT):
+        page.start()
+        assert "calibration" in page.eta.text().lower() and "collapse probe" in page.eta.text().lower()
+        win.runner.current.progressed.connect(
+            lambda e: shown.append((str(e.stage), page.eta.text(), page.progress.format())))
+    stages = [s for s, _, _ in shown]
+    assert stages[0] == "calibrate" and "probe" in stages and stages[-1] == "optimise"
+    by_stage = {s: (text, fmt) for s, text, fmt in shown}
+    assert "Calibration of renormalised neurons</b>: batch 1 of 1" in by_stage["calibrate"][0]
+    assert "Collapse probe</b>: batch 4 of 4" in by_stage["probe"][0]
+    assert "✓ Calibration of renormalised neurons" in by_stage["probe"][0]  # done stages stay named
+    assert "ANP optimisation</b>: iteration 12 of 12" in by_stage["optimise"][0] and "left" in by_stage["optimise"][0]
+    assert by_stage["probe"][1].startswith("Collapse probe")
+    done = page.eta.text()
+    assert "Finished 12 iterations" in done and "Collapse probe 0:0" in done and "ANP optimisation 0:0" in done
+
+
+def test_the_pruning_curve_shows_it_is_running_and_can_be_cancelled(qtbot, win, files):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    page = win.prune_page
+    with qtbot.waitSignal(page.curveFinished, timeout=TIMEOUT) as stopped:
+        win.go_to("prune")  # opening the page starts the curve ...
+        assert win.runner.busy and page.curve_cancel.isVisible() and page.curve_cancel.isEnabled()
+        assert "Measuring the pruning curve" in page.curve_info.text() and not page.mode.isEnabled()
+        qtbot.mouseClick(page.curve_cancel, Qt.MouseButton.LeftButton)  # ... and its own button stops it
+    assert stopped.args == ["cancelled"]
+    assert win.session.curve is None and not page.curve_cancel.isVisible()
+    assert page.mode.isEnabled() and page.curve_button.isEnabled() and "cancelled" in page.curve_info.text()
+    with qtbot.waitSignal(page.curveFinished, timeout=TIMEOUT) as done:
+        qtbot.mouseClick(page.curve_button, Qt.MouseButton.LeftButton)
+    assert done.args == ["done"] and "measured in" in page.curve_progress.format()
     assert not visible_errors(win)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QDoubleSpinBox, QHBoxLayout, QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QVBoxLayout,
@@ -12,6 +14,7 @@ import anp_onnx
 from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, rank_neurons
 
 from ..plots import PruningCurvePlot
+from ..stages import StageClock, duration
 from .base import WARN, Page, esc, pct, rich
 from .widgets import NeuronTable
 
@@ -31,6 +34,8 @@ class PrunePage(Page):
         super().__init__(window)
         self._syncing = False
         self._touched = False
+        self._curve_running = False
+        self._curve_clock = StageClock()
         self._masks = None
         self._ranked: list = []
         row = QHBoxLayout()
@@ -93,8 +98,14 @@ class PrunePage(Page):
         self.curve_button.clicked.connect(self.compute_curve)
         self.curve_progress = QProgressBar(left)
         self.curve_progress.setObjectName("curveProgress")
+        self.curve_cancel = QPushButton("Cancel", left)
+        self.curve_cancel.setObjectName("curveCancel")
+        self.curve_cancel.setToolTip("Stop measuring the curve; the controls are usable again at once")
+        self.curve_cancel.clicked.connect(self.cancel_curve)
+        self.curve_cancel.hide()
         crow.addWidget(self.curve_button)
         crow.addWidget(self.curve_progress, 1)
+        crow.addWidget(self.curve_cancel)
         lv.addLayout(crow)
         self.curve_info = rich(left, "", "curveInfo")
         lv.addWidget(self.curve_info)
@@ -115,6 +126,8 @@ class PrunePage(Page):
             w.setEnabled(not busy)
         self.slider.setEnabled(not busy and self.session.masks is not None)
         self.auto.setEnabled(not busy and self.session.curve is not None)
+        self.curve_cancel.setVisible(self._curve_running)
+        self.curve_cancel.setEnabled(self._curve_running and self.win.runner.busy)
 
     # -- masks and selection ------------------------------------------------------------------
     def refresh(self) -> None:
@@ -293,32 +306,60 @@ class PrunePage(Page):
         suspected, signal_data = s.suspected_target, s.train
         max_drop = self.budget.value() / 100
         device = s.anp_config.device if s.anp_config is not None else "cpu"
-        self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
+        self._curve_where = where
+        self._curve_clock.reset()
+        self.curve_info.setText(f"<b>Measuring the pruning curve</b> on {esc(where)}: clean accuracy"
+                                + (" and the backdoor signal" if suspected is not None else "")
+                                + " as more neurons are pruned. The controls come back when it is done, or "
+                                  "press Cancel.")
         self.curve_progress.setRange(0, 0)
+        self.curve_progress.setFormat("%v of %m points")
 
         def job(progress, cancel):
             return rep.pruning_curve(masks, clean, tiebreak=tiebreak, poisoned=poisoned, target=target,
                                      max_drop=max_drop, suspected_target=suspected, signal_data=signal_data,
                                      device=device, progress=progress, cancel=cancel)
 
-        self.win.runner.start("Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
-                              on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
-                              on_cancel=lambda: self._curve_stopped("cancelled"))
+        task = self.win.runner.start(
+            "Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
+            on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
+            on_cancel=lambda: self._curve_stopped("cancelled"))
+        self._curve_running = task is not None
+        self.set_busy(self.win.runner.busy)
+
+    def cancel_curve(self) -> None:
+        if self._curve_running:
+            self.curve_cancel.setEnabled(False)
+            self.curve_info.setText("Cancelling the pruning curve…")
+            self.win.runner.cancel()
 
     def _curve_progress(self, event: anp_onnx.ProgressEvent) -> None:
+        if not self._curve_running:
+            return
+        self._curve_clock.update(event)
         self.curve_progress.setRange(0, event.total)
         self.curve_progress.setValue(event.step)
+        self.curve_info.setText(f"<b>Measuring the pruning curve</b> on {esc(self._curve_where)}: "
+                                + self._curve_clock.running_text(upper_bound=True)
+                                + " (it stops early once accuracy has fallen far).")
 
     def _curve_stopped(self, state: str) -> None:
+        self._curve_running = False
         self.curve_progress.setRange(0, 1)
         self.curve_progress.setValue(0)
-        self.curve_info.setText(f"curve {state}")
+        self.curve_progress.setFormat("%p%")
+        kept = " The earlier curve is kept." if self.session.curve is not None else \
+            " Click <b>Compute curve</b> to measure it again."
+        self.curve_info.setText(f"The pruning curve was {state}.{kept}")
+        self.set_busy(self.win.runner.busy)
         self.curveFinished.emit(state)
 
     def _curve_done(self, curve, where: str) -> None:
         s = self.session
+        self._curve_running = False
         self.curve_progress.setRange(0, 1)
         self.curve_progress.setValue(1)
+        self.curve_progress.setFormat(f"measured in {duration(time.perf_counter() - self._curve_clock.started)}")
         s.curve, s.curve_where = curve, where
         self.plot.show_curve(curve.points, curve.chosen, len(self._ranked), baseline=curve.baseline,
                              max_drop=curve.max_drop)
