@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+from PySide6.QtCore import Qt, QUrl
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, backdoored, files, load_clean, load_set, open_model, settings, visible_errors, win,
+    TIMEOUT, answer_next_dialog, backdoored, files, linear_masks, load_clean, load_set, open_model, settings,
+    visible_errors, win,
 )
 from gui.verdict import judge
 
@@ -57,3 +59,67 @@ def test_the_repair_verdict_reads_what_was_measured(qtbot, win, backdoored, tmp_
     unmeasured = replace(result, before=None, after=None, curve=None)
     verdict = judge(unmeasured)
     assert verdict.good is None and "not measured" in verdict.warnings[0]
+
+
+def masks_and_plan(qtbot, win, model, clean, spec):
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    win.prune_page.set_spec(spec)
+    win.go_to("export")
+
+
+def export_to(qtbot, win, out):
+    win.export_page.output.setText(str(out))
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        win.export_page.export()
+    assert exported.args == ["done"]
+
+
+def test_a_missing_folder_is_created_when_accepted_and_then_opened(qtbot, win, files):
+    work, model, clean = files
+    masks_and_plan(qtbot, win, model, clean, anp_onnx.PruneSpec.count(3))
+    page = win.export_page
+    out = work / "new" / "sub" / "r.onnx"
+    page.output.setText(str(out))
+    seen = answer_next_dialog(qtbot, "confirmNo")
+    page.export()
+    assert seen and "does not exist" in seen[0] and not (work / "new").exists() and not win.runner.busy
+    assert not page.open_folder_button.isVisible()
+
+    seen = answer_next_dialog(qtbot, "confirmYes")
+    with qtbot.waitSignal(page.exportFinished, timeout=TIMEOUT) as exported:
+        page.export()
+    assert exported.args == ["done"] and seen and out.is_file()
+    assert page.open_folder_button.isVisible()
+    opened = []
+    page.open_url = lambda url: opened.append(url) or True  # record instead of starting a file manager
+    qtbot.mouseClick(page.open_folder_button, Qt.MouseButton.LeftButton)
+    assert opened == [QUrl.fromLocalFile(str(out.parent.resolve()))]
+    assert not visible_errors(win)
+
+
+def test_a_re_export_without_a_curve_leaves_no_stale_curve_plot(qtbot, win, files, tmp_path):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
+        win.go_to("prune")  # the first export has a pruning curve
+    win.go_to("export")
+    out = work / "r.onnx"
+    export_to(qtbot, win, out)
+    plot = work / "r.curve.png"
+    assert plot.is_file() and "r.curve.png" in (work / "r.report.md").read_text()
+
+    win.run_page.load_masks(str(saved[0]))  # masks from a file: no curve until the Prune step measures one
+    win.prune_page.set_spec(anp_onnx.PruneSpec.count(2))
+    assert win.session.curve is None
+    win.go_to("export")
+    seen = answer_next_dialog(qtbot, "confirmYes")
+    export_to(qtbot, win, out)
+    assert seen and "will be removed" in seen[0] and str(plot) in seen[0].split("removed")[1]
+    assert not plot.exists() and "curve.png" not in (work / "r.report.md").read_text()
+    assert str(plot) not in win.export_page.result.text()
+    assert not visible_errors(win)

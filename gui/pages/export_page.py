@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
 
 import anp_onnx
@@ -55,8 +56,15 @@ class ExportPage(Page):
         self.export_button = QPushButton("Export repaired model", self)
         self.export_button.setObjectName("exportButton")
         self.export_button.clicked.connect(self.export)
+        self.open_folder_button = QPushButton("Open containing folder", self)
+        self.open_folder_button.setObjectName("openFolderButton")
+        self.open_folder_button.setToolTip("Show the exported files in the file manager")
+        self.open_folder_button.clicked.connect(self.open_folder)
+        self.open_folder_button.hide()
+        self.open_url = QDesktopServices.openUrl  # how a folder is shown (the tests record the URL instead)
         h2 = QHBoxLayout()
         h2.addWidget(self.export_button)
+        h2.addWidget(self.open_folder_button)
         h2.addStretch(1)
         self.body.addLayout(h2)
         self.file_verdict = rich(self, "", "fileVerdict")
@@ -94,6 +102,7 @@ class ExportPage(Page):
             self.clear_result()
 
     def clear_result(self, text: str = "") -> None:
+        self.open_folder_button.hide()
         self.file_verdict.setText("")
         self.repair_verdict.setText("")
         self.result.setText(text)
@@ -129,10 +138,27 @@ class ExportPage(Page):
                            "model for good. Replace it with the repaired model?", yes="Replace original"):
                 self.win.log.note("export cancelled: the input model was not replaced")
                 return
+        if not out.parent.exists():
+            if not confirm(self, "Create the folder?", f"The folder {out.parent} does not exist. Create it and "
+                           "export there?", yes="Create folder"):
+                return
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self.win.error("Cannot create the folder", f"{out.parent}: {exc.strerror or exc}")
+                return
+            self.win.log.note(f"created the folder {out.parent}")
         existing = [p for p in [out, *extras] if p.exists() and not (replace_input and p == out)]
-        if existing and not confirm(self, "Replace existing files?",
-                                    "These files exist and will be replaced:\n" +
-                                    "\n".join(str(p) for p in existing), yes="Replace"):
+        # a report without a pruning curve has no curve plot: an earlier export's is removed, not left stale
+        stale = report_paths(out)["curve"] if self.save_report.isChecked() and s.curve is None else None
+        removed = [p for p in existing if p == stale]
+        replaced = [p for p in existing if p != stale]
+        message = ("These files exist and will be replaced:\n" + "\n".join(str(p) for p in replaced)
+                   if replaced else "")
+        if removed:
+            message += ("\n\n" if message else "") + ("This export has no pruning curve, so the curve plot of an "
+                                                       "earlier export will be removed:\n" + str(removed[0]))
+        if existing and not confirm(self, "Replace existing files?", message, yes="Replace"):
             return
         self.settings.remember_folder("export", out)
         self.clear_result("exporting and verifying…")
@@ -189,8 +215,20 @@ class ExportPage(Page):
                 for name, x, y in rows) + "</table>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"
         self.result.setText(text)
+        self.open_folder_button.show()
         self.win.log.note(f"exported {result.export.path}")
         self.exportFinished.emit("done")
+
+    def folder_url(self) -> Optional[QUrl]:
+        """The folder the last export wrote to, as a URL for the file manager."""
+        if self.last_result is None:
+            return None
+        return QUrl.fromLocalFile(str(Path(self.last_result.export.path).resolve().parent))
+
+    def open_folder(self) -> None:
+        url = self.folder_url()
+        if url is not None and not self.open_url(url):
+            self.win.error("Cannot open the folder", f"no file manager opened {url.toLocalFile()}")
 
     def _failed(self, failure) -> None:
         self.clear_result(f"<span style='color:{ERROR}'><b>Export failed:</b> {esc(failure.message)}</span> "
