@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from PySide6.QtCore import QByteArray, QSettings, Qt
+from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
 from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow, QMessageBox,
@@ -18,6 +19,7 @@ from .dialogs import show_error, show_failure
 from .log import LogPanel
 from .pages import DataPage, ExportPage, ModelPage, PrunePage, RunPage, SettingsPage
 from .pages.model_page import open_job
+from .sample import find_sample, load_sample
 from .state import Session, Settings
 from .worker import Failure, TaskRunner
 
@@ -25,6 +27,8 @@ STEPS = ("model", "data", "settings", "run", "prune", "export")
 
 
 class MainWindow(QMainWindow):
+    sampleLoaded = Signal()  # "Try a sample" has loaded the model and every data set
+
     def __init__(self, settings: Optional[Settings | QSettings] = None) -> None:
         super().__init__()
         self.setObjectName("mainWindow")
@@ -34,6 +38,7 @@ class MainWindow(QMainWindow):
         self.runner.busyChanged.connect(self._busy_changed)
         self.runner.taskFailed.connect(self._task_failed)
         self.errors: list[QMessageBox] = []
+        self.sample = find_sample()  # the bundled sample model (None outside a source checkout)
         self.setWindowTitle("anp-onnx: repair backdoored image classifiers")
         self.setAcceptDrops(True)
 
@@ -100,6 +105,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.busy_bar)
         self.statusBar().addPermanentWidget(self.stop_button)
         self._closing = False
+        self.sample_dir: Optional[Path] = None  # the triggered copy of "Try a sample" (removed on close)
         self._build_menus()
         geometry = self.settings.get("window/geometry")
         if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
@@ -115,6 +121,11 @@ class MainWindow(QMainWindow):
         self.open_action.setShortcut(QKeySequence.StandardKey.Open)
         self.open_action.triggered.connect(self.open_model_dialog)
         file_menu.addAction(self.open_action)
+        self.sample_action = QAction("Try a &sample", self)
+        self.sample_action.setToolTip("Open the bundled backdoored sample model with its clean data and test sets")
+        self.sample_action.triggered.connect(self.try_sample)
+        self.sample_action.setEnabled(self.sample is not None)
+        file_menu.addAction(self.sample_action)
         self.recent_menu = file_menu.addMenu("Open &recent")
         self.recent_menu.setObjectName("recentMenu")
         file_menu.addSeparator()
@@ -158,15 +169,28 @@ class MainWindow(QMainWindow):
         if path:
             self.open_model(path)
 
-    def open_model(self, path: str) -> None:
+    def open_model(self, path: str, then: Optional[Callable[[], None]] = None) -> None:
+        """Open ``path`` in the background; ``then`` runs once it is open and its conversion check passed."""
         if self.runner.busy:
             self.status.setText("Busy: wait for the current task or cancel it first.")
             return
         opts = self.model_page.options()
         self.settings.remember_folder("model", path)
         self.log.note(f"opening {path}")
-        self.runner.start(f"Opening {Path(path).name}", open_job(path, **opts),
-                          on_success=lambda result: self._opened(*result))
+
+        def opened(result) -> None:
+            self._opened(*result)
+            if then is not None and not result[2]:
+                then()
+
+        self.runner.start(f"Opening {Path(path).name}", open_job(path, **opts), on_success=opened)
+
+    def try_sample(self) -> None:
+        """One click: the bundled sample model, its clean data, its test set and the triggered copy."""
+        if self.runner.busy:
+            self.status.setText("Busy: wait for the current task or cancel it first.")
+            return
+        load_sample(self, self.sample)
 
     def _opened(self, rep: anp_onnx.Repairer, parity: Optional[float], problem: str) -> None:
         self.session.reset_from("model")
@@ -231,6 +255,7 @@ class MainWindow(QMainWindow):
             return
         self.status.setText(f"{task.name}…" if busy and task is not None else "Ready.")
         self.open_action.setEnabled(not busy)
+        self.sample_action.setEnabled(not busy and self.sample is not None)
         self.recent_menu.setEnabled(not busy)
         for page in self.pages:
             page.set_busy(busy)
@@ -271,4 +296,6 @@ class MainWindow(QMainWindow):
         self.settings.set("window/geometry", self.saveGeometry())
         self.settings.sync()
         self.log.detach()
+        if self.sample_dir is not None:
+            shutil.rmtree(self.sample_dir, ignore_errors=True)
         super().closeEvent(event)
