@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
-from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import (
     QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow, QMessageBox,
     QProgressBar, QPushButton, QStackedWidget, QVBoxLayout, QWidget,
@@ -17,8 +17,10 @@ import anp_onnx
 
 from .dialogs import show_error, show_failure
 from .log import LogPanel
+from .menus import build_menus
 from .pages import DataPage, ExportPage, ModelPage, PrunePage, RunPage, SettingsPage
 from .pages.model_page import open_job
+from .pages.widgets import dropped_paths, is_data_path
 from .sample import find_sample, load_sample
 from .state import Session, Settings
 from .worker import Failure, TaskRunner
@@ -38,6 +40,7 @@ class MainWindow(QMainWindow):
         self.runner.busyChanged.connect(self._busy_changed)
         self.runner.taskFailed.connect(self._task_failed)
         self.errors: list[QMessageBox] = []
+        self.dialogs: list[QMessageBox] = []  # Help and About, non-modal
         self.sample = find_sample()  # the bundled sample model (None outside a source checkout)
         self.setWindowTitle("anp-onnx: repair backdoored image classifiers")
         self.setAcceptDrops(True)
@@ -54,7 +57,7 @@ class MainWindow(QMainWindow):
 
         self.steps = QListWidget(self)
         self.steps.setObjectName("stepList")
-        self.steps.setFixedWidth(150)
+        self.steps.setFixedWidth(120)
         self.stack = QStackedWidget(self)
         self.stack.setObjectName("pages")
         self.model_page = ModelPage(self)
@@ -116,31 +119,7 @@ class MainWindow(QMainWindow):
 
     # -- menus ----------------------------------------------------------------------------------
     def _build_menus(self) -> None:
-        file_menu = self.menuBar().addMenu("&File")
-        self.open_action = QAction("&Open model…", self)
-        self.open_action.setShortcut(QKeySequence.StandardKey.Open)
-        self.open_action.triggered.connect(self.open_model_dialog)
-        file_menu.addAction(self.open_action)
-        self.sample_action = QAction("Try a &sample", self)
-        self.sample_action.setToolTip("Open the bundled backdoored sample model with its clean data and test sets")
-        self.sample_action.triggered.connect(self.try_sample)
-        self.sample_action.setEnabled(self.sample is not None)
-        file_menu.addAction(self.sample_action)
-        self.recent_menu = file_menu.addMenu("Open &recent")
-        self.recent_menu.setObjectName("recentMenu")
-        file_menu.addSeparator()
-        quit_action = QAction("&Quit", self)
-        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
-        quit_action.triggered.connect(self.close)
-        file_menu.addAction(quit_action)
-        view = self.menuBar().addMenu("&View")
-        view.addAction(self.log_dock.toggleViewAction())
-        help_menu = self.menuBar().addMenu("&Help")
-        about = QAction("&About anp-onnx", self)
-        about.triggered.connect(lambda: QMessageBox.about(
-            self, "About anp-onnx", f"<b>anp-onnx {anp_onnx.__version__}</b><p>Removes backdoors from ONNX image "
-            "classifiers with Adversarial Neuron Pruning (Wu &amp; Wang, NeurIPS 2021).</p>"))
-        help_menu.addAction(about)
+        build_menus(self)
         self._fill_recent()
 
     def _fill_recent(self) -> None:
@@ -234,6 +213,12 @@ class MainWindow(QMainWindow):
         row = self.steps.currentRow()
         self.back.setEnabled(row > 0)
         self.next.setEnabled(row + 1 < len(self.pages) and self._reachable(row + 1))
+        if hasattr(self, "next_action"):
+            busy = self.runner.busy
+            self.back_action.setEnabled(self.back.isEnabled())
+            self.next_action.setEnabled(self.next.isEnabled())
+            self.save_masks_action.setEnabled(not busy and self.session.masks is not None)
+            self.export_action.setEnabled(not busy and self.session.plan is not None)
 
     def session_changed(self) -> None:
         for page in self.pages:
@@ -244,6 +229,12 @@ class MainWindow(QMainWindow):
     def plan_changed(self) -> None:
         self.export_page.refresh()
         self._update_nav()
+
+    def export_now(self) -> None:
+        """File > Export: go to the Export step and write the repaired model there."""
+        if self.export_page.ready() and not self.runner.busy:
+            self.go_to("export")
+            self.export_page.export()
 
     # -- tasks and errors -----------------------------------------------------------------------
     def _busy_changed(self, busy: bool) -> None:
@@ -259,6 +250,7 @@ class MainWindow(QMainWindow):
         self.recent_menu.setEnabled(not busy)
         for page in self.pages:
             page.set_busy(busy)
+        self._update_nav()
 
     def _task_failed(self, name: str, failure: Failure) -> None:
         self.log.note(f"{name} failed: {failure.message}")
@@ -270,21 +262,33 @@ class MainWindow(QMainWindow):
         self.errors.append(show_error(self, title, message, details))
 
     # -- drag and drop, closing -----------------------------------------------------------------
-    @staticmethod
-    def _dropped_model(event) -> Optional[str]:
-        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
-        paths = [u.toLocalFile() for u in urls if u.isLocalFile()]
-        return next((p for p in paths if p.lower().endswith(".onnx")), None)
+    def _dropped(self, event) -> Optional[tuple[str, str]]:
+        """What a drop would do: ("model", path) for an .onnx file; ("clean", path) for an image folder or
+        an .npz once a usable model is open (its clean images); None for anything else."""
+        paths = dropped_paths(event)
+        model = next((p for p in paths if p.lower().endswith(".onnx")), None)
+        if model is not None:
+            return "model", model
+        data = next((p for p in paths if is_data_path(p)), None)
+        if data is not None and self.session.model_usable:
+            return "clean", data
+        return None
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if self._dropped_model(event):
+        if not self.runner.busy and self._dropped(event):
             event.acceptProposedAction()
 
     def dropEvent(self, event: QDropEvent) -> None:
-        path = self._dropped_model(event)
-        if path:
-            event.acceptProposedAction()
+        what = self._dropped(event)
+        if what is None or self.runner.busy:
+            return
+        event.acceptProposedAction()
+        kind, path = what
+        if kind == "model":
             self.open_model(path)
+        else:
+            self.go_to("data")
+            self.data_page.load("clean", path)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.runner.busy and not self.runner.wait(3000):

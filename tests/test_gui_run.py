@@ -7,7 +7,8 @@ import numpy as np
 from PySide6.QtCore import Qt
 
 import anp_onnx
-from builders import tiny_model
+from anp_onnx.data import save_npz
+from builders import random_images, tiny_model
 from gui_support import (  # noqa: F401 - fixtures by name
     TIMEOUT, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
 )
@@ -84,10 +85,13 @@ def test_every_stage_of_a_run_is_named_with_its_progress(qtbot, win, files):
 
 
 def test_the_pruning_curve_shows_it_is_running_and_can_be_cancelled(qtbot, win, files):
-    work, model, clean = files
+    work, model, _ = files
+    clean = work / "more.npz"
+    save_npz(random_images(1000, seed=3), clean)
     open_model(qtbot, win, model)
     load_clean(qtbot, win, clean)
-    win.run_page.use_masks(linear_masks(win), "test masks")
+    # a suspected target: every point also measures the backdoor signal, so the curve takes a few seconds
+    win.run_page.use_masks(linear_masks(win), "test masks", suspected_target=0)
     page = win.prune_page
     with qtbot.waitSignal(page.curveFinished, timeout=TIMEOUT) as stopped:
         win.go_to("prune")  # opening the page starts the curve ...

@@ -11,7 +11,9 @@ from typing import Optional
 
 from PySide6.QtCore import QUrl, Signal
 from PySide6.QtGui import QDesktopServices
-from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from PySide6.QtWidgets import (
+    QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QScrollArea, QVBoxLayout, QWidget,
+)
 
 import anp_onnx
 from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths
@@ -67,13 +69,20 @@ class ExportPage(Page):
         h2.addWidget(self.open_folder_button)
         h2.addStretch(1)
         self.body.addLayout(h2)
-        self.file_verdict = rich(self, "", "fileVerdict")
-        self.body.addWidget(self.file_verdict)
-        self.repair_verdict = rich(self, "", "repairVerdict")
-        self.body.addWidget(self.repair_verdict)
-        self.result = rich(self, "", "exportResult")
-        self.body.addWidget(self.result)
-        self.body.addStretch(1)
+        results = QWidget(self)
+        column = QVBoxLayout(results)
+        column.setContentsMargins(0, 0, 0, 0)
+        self.file_verdict = rich(results, "", "fileVerdict")
+        self.repair_verdict = rich(results, "", "repairVerdict")
+        self.result = rich(results, "", "exportResult")
+        for label in (self.file_verdict, self.repair_verdict, self.result):
+            column.addWidget(label)
+        column.addStretch(1)
+        scroll = QScrollArea(self)  # the verdicts, the figures and the files: scrolled, never cut off
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(results)
+        self.body.addWidget(scroll, 1)
         self._default_for = None
         self.verdict = None  # the last export's RepairVerdict
         self.last_result: Optional[RepairResult] = None

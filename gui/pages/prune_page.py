@@ -74,15 +74,15 @@ class PrunePage(Page):
                                "than this many percentage points below the original model's.")
         self.budget.editingFinished.connect(self._budget_changed)
         self.drop_label = rich(self, "", "measuredDrop")
-        self.drop_label.setWordWrap(False)
         self.drop_label.setToolTip("The held-out clean accuracy the automatic choice costs, as measured on the curve.")
         self.auto = QPushButton("Use automatic choice", self)
         self.auto.setObjectName("autoButton")
         self.auto.clicked.connect(self.use_automatic)
         for w, stretch in ((self.mode, 0), (self.slider, 1), (self.count, 0), (self.threshold, 0), (self.budget, 0),
-                           (self.drop_label, 0), (self.auto, 0)):
+                           (self.auto, 0)):
             row.addWidget(w, stretch)
         self.body.addLayout(row)
+        self.body.addWidget(self.drop_label)
         self.summary = rich(self, "", "pruneSummary")
         self.body.addWidget(self.summary)
 
@@ -266,7 +266,7 @@ class PrunePage(Page):
         if count > last.count:
             return (f". <span style='color:{WARN}'><b>Accuracy not measured</b> for {count} neurons: the curve "
                     f"stops at {last.count} neurons (clean accuracy {pct(last.accuracy)} there); pruning more "
-                    f"usually costs more.</span>")
+                    f"usually costs more</span>")
         point = curve.at(count)
         where = f"at {count}" if point.count == count else f"at its nearest measured point, {point.count} neurons"
         return (f". Curve {where}: clean accuracy <b>{pct(point.accuracy)}</b> ({drop_text(curve.baseline, point)})"
@@ -279,7 +279,7 @@ class PrunePage(Page):
             self.drop_label.setText("")
             return
         drop = curve.baseline - curve.chosen.accuracy
-        text = f"measured: {drop_text(curve.baseline, curve.chosen)}"
+        text = f"The automatic choice, measured: {drop_text(curve.baseline, curve.chosen)}"
         if drop > self.budget.value() / 100 + 1e-9:
             why = (f"the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g} points"
                    if curve.signal_gone else f"the curve was measured with a budget of {100 * curve.max_drop:g}")
