@@ -45,7 +45,7 @@ def judge(result: RepairResult) -> RepairVerdict:
             drop = before.accuracy - after.accuracy
             text = f"{name} {_pct(before.accuracy)} → {_pct(after.accuracy)}"
             if drop > budget + 1e-9:
-                allowed = (f"; the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g}"
+                allowed = (f"; the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g} points"
                            if curve is not None and curve.signal_gone else "")
                 warnings.append(f"{text}: {100 * drop:.1f} points lost, more than the budget of "
                                 f"{100 * budget:g} points{allowed}")
