@@ -11,7 +11,7 @@ pruned renormalised neuron back into ONNX needs its mean.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch import nn
 from .data import ImageSet
 from .errors import DataError
 from .neurons import PerturbedModule
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -32,13 +33,15 @@ Centres = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
 @torch.no_grad()
 def calibrate(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, device: str = "cpu",
-              max_images: int = CALIBRATION_IMAGES, batch_size: int = 256) -> int:
+              max_images: int = CALIBRATION_IMAGES, batch_size: int = 256, *,
+              progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> int:
     """Renormalise the neurons that do not normalise: their clean outputs' mean and spread on ``data``.
 
     Runs the unperturbed model (eval mode, masks as they are, normally 1) on up to ``max_images``
     clean images and gives every such module whose write-back can take it (``centreable``) its
     per-neuron statistics (see :meth:`PerturbedModule.renormalise`). Returns the number of layers
-    calibrated.
+    calibrated. Reports a :data:`Stage.CALIBRATE` event per batch and checks ``cancel`` before each;
+    a cancelled calibration leaves every module as it was.
     """
     chosen = [m for m in modules if not m.normalises and m.centreable]
     if not chosen:
@@ -48,8 +51,12 @@ def calibrate(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet
         m.start_calibration()
     try:
         x = data.x[:max_images]
-        for start in range(0, len(x), batch_size):
+        total = -(-len(x) // batch_size)
+        for step, start in enumerate(range(0, len(x), batch_size), start=1):
+            check(cancel)
             net(torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)).to(device))
+            emit(progress, ProgressEvent(Stage.CALIBRATE, step, total, message=f"{min(len(x), start + batch_size)} "
+                                         f"of {len(x)} clean images"))
     except BaseException:
         for m in chosen:
             m.abort_calibration()

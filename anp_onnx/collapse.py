@@ -41,6 +41,7 @@ from torch import nn
 
 from .data import ImageSet
 from .neurons import PerturbedModule
+from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 
 #: Relative neuron noise of the probe (half the reference ANP eps: strong enough to make a backdoored
 #: network collapse, weak enough to leave most clean images correct).
@@ -117,12 +118,22 @@ def probe_supported(modules: Iterable[PerturbedModule]) -> bool:
 
 
 def find_target(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,
-                device: str = "cpu") -> CollapseProbe:
-    """The collapse probe at :data:`PROBE_EPS`, retried at twice that when too few images went wrong."""
+                device: str = "cpu", progress: Optional[ProgressCallback] = None,
+                cancel: Optional[CancelToken] = None) -> CollapseProbe:
+    """The collapse probe at :data:`PROBE_EPS`, retried at twice that when too few images went wrong.
+
+    Reports a :data:`Stage.PROBE` event per probe batch (a retry continues the count: batches 5 to 8
+    of 8) and stops at the next check of ``cancel`` (between the passes of each batch).
+    """
     modules = list(modules)
-    probe = probe_collapse(net, modules, data, device=device)
+    probe = probe_collapse(net, modules, data, device=device, progress=progress, cancel=cancel)
     if probe.errors < MIN_ERRORS:
-        probe = probe_collapse(net, modules, data, eps=2 * PROBE_EPS, device=device)
+        def renumbered(event: ProgressEvent) -> None:
+            emit(progress, ProgressEvent(event.stage, event.step + PROBE_REPEATS, 2 * PROBE_REPEATS,
+                                         event.metrics, event.payload, event.message))
+
+        probe = probe_collapse(net, modules, data, eps=2 * PROBE_EPS, device=device,
+                               progress=renumbered if progress is not None else None, cancel=cancel)
     return probe
 
 
@@ -146,13 +157,18 @@ def _probing(net: nn.Module, modules: list[PerturbedModule], device: str):
 
 
 def _noise_step(net: nn.Module, modules: list[PerturbedModule], params: list[torch.Tensor], x: torch.Tensor,
-                labels: torch.Tensor, eps: float, towards: bool) -> tuple[torch.Tensor, int]:
+                labels: torch.Tensor, eps: float, towards: bool,
+                cancel: Optional[CancelToken] = None) -> tuple[torch.Tensor, int]:
     """From zero noise, one signed step of size ``eps`` that raises the cross-entropy on ``labels``
-    (or, ``towards``, lowers it); returns the predictions under that noise."""
+    (or, ``towards``, lowers it); returns the predictions under that noise. ``cancel`` is checked
+    before each of its three passes (forward, backward, forward), a second or so apart on a CPU."""
     for m in modules:
         m.reset_noise(0.0)
+    check(cancel)
     loss = F.cross_entropy(net(x), labels)
+    check(cancel)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
+    check(cancel)
     with torch.no_grad():
         for p, g in zip(params, grads):
             if g is not None:
@@ -176,7 +192,8 @@ def _batches(data: ImageSet, picks: list[np.ndarray], device: str):
 
 def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, *,
                    eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
-                   repeats: int = PROBE_REPEATS, seed: int = 0) -> CollapseProbe:
+                   repeats: int = PROBE_REPEATS, seed: int = 0, progress: Optional[ProgressCallback] = None,
+                   cancel: Optional[CancelToken] = None) -> CollapseProbe:
     """Count where clean images go under adversarial neuron noise of size ``eps``.
 
     ``repeats`` times: a batch of up to ``max_images`` of ``data`` (a seeded random choice, so
@@ -185,23 +202,26 @@ def probe_collapse(net: nn.Module, modules: Iterable[PerturbedModule], data: Ima
     start made the errors scatter on the sample models); the predictions that became wrong are
     counted by class and pooled over the batches. The masks currently set in ``modules`` stay in
     place, so this also measures a pruned model; afterwards the noise is zero and each module's
-    switches are as they were.
+    switches are as they were (also when ``cancel`` stops it). One :data:`Stage.PROBE` event per batch.
     """
     modules = list(modules)
     counts = None
     images = 0
     with _probing(net, modules, device) as params:
-        for x, y in _batches(data, _picks(data, max_images, repeats, seed), device):
-            pred, classes = _noise_step(net, modules, params, x, y, eps, towards=False)
+        for step, (x, y) in enumerate(_batches(data, _picks(data, max_images, repeats, seed), device), start=1):
+            pred, classes = _noise_step(net, modules, params, x, y, eps, towards=False, cancel=cancel)
             wrong = np.bincount(pred[pred != y].cpu().numpy(), minlength=int(classes))
             counts = wrong if counts is None else counts + wrong
             images += len(y)
+            emit(progress, ProgressEvent(Stage.PROBE, step, repeats, metrics={"errors": int(counts.sum())},
+                                         message=f"neuron noise {eps:g}"))
     return CollapseProbe(float(eps), tuple(int(c) for c in counts), images)
 
 
 def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSet, target: int, *,
                eps: float = PROBE_EPS, device: str = "cpu", max_images: int = PROBE_IMAGES,
-               repeats: int = PROBE_REPEATS, seed: int = 0, stop_above: Optional[float] = None) -> float:
+               repeats: int = PROBE_REPEATS, seed: int = 0, stop_above: Optional[float] = None,
+               cancel: Optional[CancelToken] = None) -> float:
     """Fraction of clean images (true class not ``target``) that one neuron-noise step of size ``eps``
     aimed at ``target`` sends there: the backdoor signal.
 
@@ -216,7 +236,8 @@ def probe_pull(net: nn.Module, modules: Iterable[PerturbedModule], data: ImageSe
     hits = total = 0
     with _probing(net, modules, device) as params:
         for x, y in _batches(data, picks, device):
-            pred, _ = _noise_step(net, modules, params, x, torch.full_like(y, target), eps, towards=True)
+            pred, _ = _noise_step(net, modules, params, x, torch.full_like(y, target), eps, towards=True,
+                                  cancel=cancel)
             others = y != target
             hits += int((pred[others] == target).sum())
             total += int(others.sum())

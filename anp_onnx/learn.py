@@ -3,7 +3,9 @@
 :func:`learn_masks` prepares the perturbable neurons (masks 1, no noise), calibrates renormalised
 neurons on the clean data (:mod:`anp_onnx.calibrate`), runs the collapse probe when the stage
 wants it (:mod:`anp_onnx.collapse`), and hands over to the mask stage that the settings' type
-selects (:mod:`anp_onnx.stages`; ANP by default).
+selects (:mod:`anp_onnx.stages`; ANP by default). Progress events name each part
+(``Stage.CALIBRATE``, ``Stage.PROBE``, then the stage's own, ``Stage.OPTIMISE`` for ANP), and
+``cancel`` is checked within each.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: O
             m.neuron_mask.fill_(1.0)
     check(cancel)
     if getattr(config, "renormalise", True):
-        calibrate(ctx.net, modules, clean, device=device)
+        calibrate(ctx.net, modules, clean, device=device, progress=progress, cancel=cancel)
     else:
         clear_centres(modules)
     probe = None
     if stage.wants_probe(ctx, config):
         check(cancel)
-        probe = find_target(ctx.net, modules, clean, device=device)
+        probe = find_target(ctx.net, modules, clean, device=device, progress=progress, cancel=cancel)
         _LOGGER.info("collapse probe: %s", probe.describe())
     target = stage.noise_target(config, probe)
     result = stage.run(ctx, clean, config, target=target, progress=progress, cancel=cancel)

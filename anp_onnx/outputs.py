@@ -179,8 +179,13 @@ class OutputSet:
         return self._staging[folder] / path.name
 
     def commit(self) -> list[Path]:
-        """Move every written output into place (all or none); returns the files moved."""
-        staged = {}
+        """Move every written output into place (all or none); returns the files moved.
+
+        An optional output that was not written this time but exists from an earlier run (a
+        report's curve plot when there is no curve now) is removed with the others' old versions,
+        so the set on disk is exactly this run's; a failure puts it back too.
+        """
+        staged: dict[Path, Optional[Path]] = {}   # output -> its new version (None: not written, old one goes)
         for path, what, optional, _ in self._outputs:
             tmp = self._staging.get(path.parent.resolve())
             tmp = tmp / path.name if tmp is not None else None
@@ -188,24 +193,27 @@ class OutputSet:
                 staged[path] = tmp
             elif not optional:
                 raise OutputError(f"the {what} {path} was not written; nothing was written")
+            elif path.exists() or path.is_symlink():
+                staged[path] = None
         moved: list[tuple[Path, Optional[Path]]] = []
         try:
             for path, tmp in staged.items():
                 backup = None
                 if path.exists() or path.is_symlink():
-                    backup = tmp.with_name(f".old.{tmp.name}")
+                    backup = self.temp(path).with_name(f".old.{path.name}")
                     os.replace(path, backup)
                 moved.append((path, backup))
-                os.replace(tmp, path)
+                if tmp is not None:
+                    os.replace(tmp, path)
         except OSError as exc:
             for path, backup in reversed(moved):
-                if path in staged and not staged[path].exists():  # ours was moved there: take it back
+                if staged[path] is not None and not staged[path].exists():  # ours was moved there: take it back
                     path.unlink(missing_ok=True)
                 if backup is not None:
                     os.replace(backup, path)
             raise OutputError(f"cannot move the outputs into place ({exc.strerror or exc}); nothing was "
                               "written") from exc
-        return list(staged)
+        return [path for path, tmp in staged.items() if tmp is not None]
 
     def discard(self) -> None:
         """Delete the temporaries (after a commit: only the replaced files' backups)."""

@@ -60,11 +60,11 @@ def measure_curve(ctx: RepairContext, masks: dict[str, np.ndarray], ranking: Seq
                     scores[len(chosen)] = (acc, asr)
                 if signal and suspected_target is not None:
                     if not signal_eps:  # a weak pull says too little: then all points use twice the noise
-                        share = probe_pull(net, modules, probe_set, suspected_target, device=device)
+                        share = probe_pull(net, modules, probe_set, suspected_target, device=device, cancel=cancel)
                         signal_eps.append(PROBE_EPS if share >= MIN_PULL else 2 * PROBE_EPS)
                     if share is None or signal_eps[0] != PROBE_EPS:
                         share = probe_pull(net, modules, probe_set, suspected_target, eps=signal_eps[0],
-                                           device=device, stop_above=above)
+                                           device=device, stop_above=above, cancel=cancel)
             return (*scores[len(chosen)], share)
 
         return compute_curve(ranking, evaluate_prefix, n_images=len(clean), max_drop=settings.max_drop,

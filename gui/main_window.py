@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from PySide6.QtCore import QByteArray, QSettings, Qt
-from PySide6.QtGui import QAction, QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
+from PySide6.QtCore import QByteArray, QSettings, Qt, Signal
+from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent
 from PySide6.QtWidgets import (
     QDockWidget, QFileDialog, QHBoxLayout, QLabel, QListWidget, QListWidgetItem, QMainWindow, QMessageBox,
     QProgressBar, QPushButton, QStackedWidget, QVBoxLayout, QWidget,
@@ -16,8 +17,11 @@ import anp_onnx
 
 from .dialogs import show_error, show_failure
 from .log import LogPanel
+from .menus import build_menus
 from .pages import DataPage, ExportPage, ModelPage, PrunePage, RunPage, SettingsPage
 from .pages.model_page import open_job
+from .pages.widgets import dropped_paths, is_data_path
+from .sample import find_sample, load_sample
 from .state import Session, Settings
 from .worker import Failure, TaskRunner
 
@@ -25,6 +29,8 @@ STEPS = ("model", "data", "settings", "run", "prune", "export")
 
 
 class MainWindow(QMainWindow):
+    sampleLoaded = Signal()  # "Try a sample" has loaded the model and every data set
+
     def __init__(self, settings: Optional[Settings | QSettings] = None) -> None:
         super().__init__()
         self.setObjectName("mainWindow")
@@ -34,6 +40,8 @@ class MainWindow(QMainWindow):
         self.runner.busyChanged.connect(self._busy_changed)
         self.runner.taskFailed.connect(self._task_failed)
         self.errors: list[QMessageBox] = []
+        self.dialogs: list[QMessageBox] = []  # Help and About, non-modal
+        self.sample = find_sample()  # the bundled sample model (None outside a source checkout)
         self.setWindowTitle("anp-onnx: repair backdoored image classifiers")
         self.setAcceptDrops(True)
 
@@ -49,7 +57,7 @@ class MainWindow(QMainWindow):
 
         self.steps = QListWidget(self)
         self.steps.setObjectName("stepList")
-        self.steps.setFixedWidth(150)
+        self.steps.setFixedWidth(120)
         self.stack = QStackedWidget(self)
         self.stack.setObjectName("pages")
         self.model_page = ModelPage(self)
@@ -100,6 +108,7 @@ class MainWindow(QMainWindow):
         self.statusBar().addPermanentWidget(self.busy_bar)
         self.statusBar().addPermanentWidget(self.stop_button)
         self._closing = False
+        self.sample_dir: Optional[Path] = None  # the triggered copy of "Try a sample" (removed on close)
         self._build_menus()
         geometry = self.settings.get("window/geometry")
         if not (isinstance(geometry, QByteArray) and self.restoreGeometry(geometry)):
@@ -110,26 +119,7 @@ class MainWindow(QMainWindow):
 
     # -- menus ----------------------------------------------------------------------------------
     def _build_menus(self) -> None:
-        file_menu = self.menuBar().addMenu("&File")
-        self.open_action = QAction("&Open model…", self)
-        self.open_action.setShortcut(QKeySequence.StandardKey.Open)
-        self.open_action.triggered.connect(self.open_model_dialog)
-        file_menu.addAction(self.open_action)
-        self.recent_menu = file_menu.addMenu("Open &recent")
-        self.recent_menu.setObjectName("recentMenu")
-        file_menu.addSeparator()
-        quit_action = QAction("&Quit", self)
-        quit_action.setShortcut(QKeySequence.StandardKey.Quit)
-        quit_action.triggered.connect(self.close)
-        file_menu.addAction(quit_action)
-        view = self.menuBar().addMenu("&View")
-        view.addAction(self.log_dock.toggleViewAction())
-        help_menu = self.menuBar().addMenu("&Help")
-        about = QAction("&About anp-onnx", self)
-        about.triggered.connect(lambda: QMessageBox.about(
-            self, "About anp-onnx", f"<b>anp-onnx {anp_onnx.__version__}</b><p>Removes backdoors from ONNX image "
-            "classifiers with Adversarial Neuron Pruning (Wu &amp; Wang, NeurIPS 2021).</p>"))
-        help_menu.addAction(about)
+        build_menus(self)
         self._fill_recent()
 
     def _fill_recent(self) -> None:
@@ -158,15 +148,28 @@ class MainWindow(QMainWindow):
         if path:
             self.open_model(path)
 
-    def open_model(self, path: str) -> None:
+    def open_model(self, path: str, then: Optional[Callable[[], None]] = None) -> None:
+        """Open ``path`` in the background; ``then`` runs once it is open and its conversion check passed."""
         if self.runner.busy:
             self.status.setText("Busy: wait for the current task or cancel it first.")
             return
         opts = self.model_page.options()
         self.settings.remember_folder("model", path)
         self.log.note(f"opening {path}")
-        self.runner.start(f"Opening {Path(path).name}", open_job(path, **opts),
-                          on_success=lambda result: self._opened(*result))
+
+        def opened(result) -> None:
+            self._opened(*result)
+            if then is not None and not result[2]:
+                then()
+
+        self.runner.start(f"Opening {Path(path).name}", open_job(path, **opts), on_success=opened)
+
+    def try_sample(self) -> None:
+        """One click: the bundled sample model, its clean data, its test set and the triggered copy."""
+        if self.runner.busy:
+            self.status.setText("Busy: wait for the current task or cancel it first.")
+            return
+        load_sample(self, self.sample)
 
     def _opened(self, rep: anp_onnx.Repairer, parity: Optional[float], problem: str) -> None:
         self.session.reset_from("model")
@@ -210,6 +213,12 @@ class MainWindow(QMainWindow):
         row = self.steps.currentRow()
         self.back.setEnabled(row > 0)
         self.next.setEnabled(row + 1 < len(self.pages) and self._reachable(row + 1))
+        if hasattr(self, "next_action"):
+            busy = self.runner.busy
+            self.back_action.setEnabled(self.back.isEnabled())
+            self.next_action.setEnabled(self.next.isEnabled())
+            self.save_masks_action.setEnabled(not busy and self.session.masks is not None)
+            self.export_action.setEnabled(not busy and self.session.plan is not None)
 
     def session_changed(self) -> None:
         for page in self.pages:
@@ -221,6 +230,12 @@ class MainWindow(QMainWindow):
         self.export_page.refresh()
         self._update_nav()
 
+    def export_now(self) -> None:
+        """File > Export: go to the Export step and write the repaired model there."""
+        if self.export_page.ready() and not self.runner.busy:
+            self.go_to("export")
+            self.export_page.export()
+
     # -- tasks and errors -----------------------------------------------------------------------
     def _busy_changed(self, busy: bool) -> None:
         task = self.runner.current
@@ -231,9 +246,11 @@ class MainWindow(QMainWindow):
             return
         self.status.setText(f"{task.name}…" if busy and task is not None else "Ready.")
         self.open_action.setEnabled(not busy)
+        self.sample_action.setEnabled(not busy and self.sample is not None)
         self.recent_menu.setEnabled(not busy)
         for page in self.pages:
             page.set_busy(busy)
+        self._update_nav()
 
     def _task_failed(self, name: str, failure: Failure) -> None:
         self.log.note(f"{name} failed: {failure.message}")
@@ -245,21 +262,33 @@ class MainWindow(QMainWindow):
         self.errors.append(show_error(self, title, message, details))
 
     # -- drag and drop, closing -----------------------------------------------------------------
-    @staticmethod
-    def _dropped_model(event) -> Optional[str]:
-        urls = event.mimeData().urls() if event.mimeData().hasUrls() else []
-        paths = [u.toLocalFile() for u in urls if u.isLocalFile()]
-        return next((p for p in paths if p.lower().endswith(".onnx")), None)
+    def _dropped(self, event) -> Optional[tuple[str, str]]:
+        """What a drop would do: ("model", path) for an .onnx file; ("clean", path) for an image folder or
+        an .npz once a usable model is open (its clean images); None for anything else."""
+        paths = dropped_paths(event)
+        model = next((p for p in paths if p.lower().endswith(".onnx")), None)
+        if model is not None:
+            return "model", model
+        data = next((p for p in paths if is_data_path(p)), None)
+        if data is not None and self.session.model_usable:
+            return "clean", data
+        return None
 
     def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        if self._dropped_model(event):
+        if not self.runner.busy and self._dropped(event):
             event.acceptProposedAction()
 
     def dropEvent(self, event: QDropEvent) -> None:
-        path = self._dropped_model(event)
-        if path:
-            event.acceptProposedAction()
+        what = self._dropped(event)
+        if what is None or self.runner.busy:
+            return
+        event.acceptProposedAction()
+        kind, path = what
+        if kind == "model":
             self.open_model(path)
+        else:
+            self.go_to("data")
+            self.data_page.load("clean", path)
 
     def closeEvent(self, event: QCloseEvent) -> None:
         if self.runner.busy and not self.runner.wait(3000):
@@ -267,7 +296,10 @@ class MainWindow(QMainWindow):
             self.status.setText("Stopping the current task before closing…")
             event.ignore()
             return
+        self.runner.wait(3000)  # a task that has reported but not yet ended: no thread outlives the window
         self.settings.set("window/geometry", self.saveGeometry())
         self.settings.sync()
         self.log.detach()
+        if self.sample_dir is not None:
+            shutil.rmtree(self.sample_dir, ignore_errors=True)
         super().closeEvent(event)

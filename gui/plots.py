@@ -1,4 +1,8 @@
-"""Matplotlib canvases (Qt backend): ANP losses, mask distribution, and the pruning curve."""
+"""Matplotlib canvases (Qt backend): ANP losses, mask distribution, and the pruning curve.
+
+Their background, text, ticks and frames take the widget's palette (a dark desktop theme gives dark
+plots, and a palette change restyles them); the legends sit outside the axes, never over a curve.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from PySide6.QtCore import QEvent
+from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QSizePolicy, QWidget
 
 _BLUE, _ORANGE, _GREEN, _RED, _GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
@@ -29,10 +35,44 @@ class PlotCanvas(FigureCanvasQTAgg):
         self.setMinimumSize(260, 180)
         self.ax = self.figure.add_subplot(1, 1, 1)
         self.note = self.figure.text(0.5, 0.5, "", ha="center", va="center", color=_GREY, wrap=True)
+        self.style()
+
+    def colours(self) -> dict[str, str]:
+        """The palette's colours for the figure: background, plot area, text, and the light lines."""
+        pal = self.palette()
+        name = lambda role: pal.color(role).name()  # noqa: E731
+        return {"figure": name(QPalette.ColorRole.Window), "axes": name(QPalette.ColorRole.Base),
+                "text": name(QPalette.ColorRole.WindowText), "muted": name(QPalette.ColorRole.Mid)}
+
+    def style(self) -> None:
+        """Apply the palette to the figure, every axes and the legends (after each redraw of the axes)."""
+        c = self.colours()
+        self.figure.set_facecolor(c["figure"])
+        for ax in self.figure.axes:
+            ax.set_facecolor(c["axes"])
+            ax.tick_params(colors=c["text"], which="both")
+            for spine in ax.spines.values():
+                spine.set_edgecolor(c["muted"])
+            for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
+                text.set_color(c["text"])
+        for legend in [*self.figure.legends, *(ax.get_legend() for ax in self.figure.axes)]:
+            if legend is not None:
+                legend.get_frame().set_facecolor(c["axes"])
+                legend.get_frame().set_edgecolor(c["muted"])
+                for text in legend.get_texts():
+                    text.set_color(c["text"])
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() == QEvent.Type.PaletteChange:
+            self.style()
+            self.draw_idle()
 
     def placeholder(self, text: str) -> None:
         self.ax.clear()
         self.ax.set_axis_off()
+        for legend in list(self.figure.legends):
+            legend.remove()
         self.note.set_text(text)
         self.draw_idle()
 
@@ -51,7 +91,7 @@ class LossPlot(PlotCanvas):
     KEYS = ("loss_nat", "loss_rob", "acc_nat")
 
     def __init__(self, parent: Optional[QWidget] = None) -> None:
-        super().__init__(parent, margins=dict(left=0.13, right=0.87, bottom=0.15, top=0.9))
+        super().__init__(parent, margins=dict(left=0.13, right=0.87, bottom=0.15, top=0.8))
         self.acc_ax = self.ax.twinx()
         self.lines = {
             "loss_nat": self.ax.plot([], [], color=_BLUE, label="loss on clean images")[0],
@@ -61,11 +101,12 @@ class LossPlot(PlotCanvas):
         self.ax.set_xlabel("iteration")
         self.ax.set_ylabel("cross-entropy loss")
         self.ax.grid(True, alpha=0.3)
-        self.ax.set_title("Optimisation", fontsize="medium")
         self.acc_ax.set_ylim(0, 1.02)
         self.acc_ax.set_ylabel("accuracy")
-        self.ax.legend(list(self.lines.values()), [line.get_label() for line in self.lines.values()],
-                       loc="upper right", fontsize="small")
+        self.legend = self.ax.legend(list(self.lines.values()), [line.get_label() for line in self.lines.values()],
+                                     loc="lower left", bbox_to_anchor=(0.0, 1.02, 1.0, 0.2), mode="expand", ncol=2,
+                                     fontsize="small", borderaxespad=0.0, frameon=False)
+        self.style()
         self.reset()
 
     def placeholder(self, text: str) -> None:  # keep the axes: only hide them
@@ -139,6 +180,7 @@ class MaskHistogram(PlotCanvas):
         title = f"Mask values of {len(values)} neurons"
         ax.set_title(title + (f" (iteration {step})" if step else ""), fontsize="medium")
         ax.grid(True, alpha=0.3)
+        self.style()
         self.draw_idle()
 
 
@@ -148,6 +190,9 @@ class PruningCurvePlot(PlotCanvas):
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent, width=6.0, height=3.2)
         self.current_line = None
+        self.unmeasured = None  # the shaded region beyond the last measured point, when the choice is there
+        self.unmeasured_note = None
+        self.measured_to = 0
         self.placeholder("The pruning curve appears here once it is computed")
 
     def show_curve(self, points: Sequence, chosen=None, total: Optional[int] = None, *,
@@ -173,20 +218,43 @@ class PruningCurvePlot(PlotCanvas):
                     label=f"automatic choice ({chosen.count})")
             ax.axvline(chosen.count, color=_GREEN, linewidth=1, linestyle="--")
         self.current_line = ax.axvline(0, color=_GREY, linewidth=1.5, visible=False, label="_your choice")
+        self.unmeasured = None
+        self.unmeasured_note = ax.text(0.99, 0.02, "not measured beyond here", transform=ax.transAxes, ha="right",
+                                       va="bottom", fontsize="small", color=_GREY, visible=False)
+        self.measured_to = max(counts, default=0)
         ax.set_ylim(-0.02, 1.05)
-        right = max(max(counts, default=1), 1)
-        ax.set_xlim(-0.02 * right, 1.03 * right)
+        self._set_right(self.measured_to)
         ax.set_xlabel("neurons pruned (lowest masks first)" + (f", of {total}" if total else ""))
         ax.set_ylabel("rate")
         ax.grid(True, alpha=0.3)
-        ax.legend(loc="center right", fontsize="small")
+        for old in list(self.figure.legends):
+            old.remove()
+        self.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize="small",
+                           frameon=False)
         ax.set_title("Pruning curve", fontsize="medium")
+        self.style()
         self.draw_idle()
 
+    def _set_right(self, right: float) -> None:
+        right = max(right, 1)
+        self.ax.set_xlim(-0.02 * right, 1.03 * right)
+
     def mark(self, count: Optional[int]) -> None:
+        """Mark the current choice; beyond the measured points the axis widens to show it, and the
+        part the curve did not measure is shaded."""
         if self.current_line is None:
             return
         self.current_line.set_visible(count is not None)
+        if self.unmeasured is not None:
+            self.unmeasured.remove()
+            self.unmeasured = None
+        beyond = count is not None and count > self.measured_to
+        self._set_right(max(self.measured_to, count or 0))
         if count is not None:
             self.current_line.set_xdata([count, count])
+            self.current_line.set_linestyle(":" if beyond else "-")
+        if beyond:
+            self.unmeasured = self.ax.axvspan(self.measured_to, self.ax.get_xlim()[1], color=_GREY, alpha=0.15,
+                                              linewidth=0, label="_not measured")
+        self.unmeasured_note.set_visible(beyond)
         self.draw_idle()

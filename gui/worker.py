@@ -116,12 +116,12 @@ class TaskRunner(QObject):
             self.current.cancel()
 
     def wait(self, ms: int = 5000) -> bool:
-        """Cancel and wait for the running task (used when the window closes)."""
+        """Cancel and wait for the running task, and for tasks that have reported but not yet ended
+        (used when the window closes: no thread may outlive it)."""
         task = self.current
-        if task is None:
-            return True
-        task.cancel()
-        return task.wait(ms)
+        if task is not None:
+            task.cancel()
+        return all(t.wait(ms) for t in [*([task] if task is not None else []), *self._finishing])
 
     def _failed(self, task: Task, failure: Failure, callback: Optional[Callable[[Failure], None]]) -> None:
         self._release(task)

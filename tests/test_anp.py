@@ -84,10 +84,18 @@ def test_eps_zero_and_eval_mode_and_projection_run(rep):
 def test_progress_events_and_cancel(rep):
     events = []
     rep.optimize(random_images(32), ANPConfig(iterations=25, batch_size=16), progress=events.append)
-    assert [e.step for e in events] == [1, 10, 20, 25]
-    assert all(e.stage == "optimise" and e.total == 25 for e in events)
+    # the collapse probe's four batches (BatchNorm neurons: nothing to calibrate), then the ANP loop
+    assert [(e.stage, e.step, e.total) for e in events] == [
+        ("probe", 1, 4), ("probe", 2, 4), ("probe", 3, 4), ("probe", 4, 4),
+        ("optimise", 1, 25), ("optimise", 10, 25), ("optimise", 20, 25), ("optimise", 25, 25)]
+    assert events[0].message == "neuron noise 0.2" and "errors" in events[3].metrics
     assert set(events[-1].metrics) == {"loss_nat", "loss_rob", "acc_nat"}
     assert set(events[-1].payload["masks"]) == {layer.name for layer in rep.layers}
+    # untargeted (the reference loop): no probe, only the loop
+    events.clear()
+    rep.optimize(random_images(32), ANPConfig(iterations=25, batch_size=16, target=None), progress=events.append)
+    assert [(e.stage, e.step) for e in events] == [("optimise", 1), ("optimise", 10), ("optimise", 20),
+                                                   ("optimise", 25)]
 
     token = CancelToken()
     seen = []
@@ -100,6 +108,38 @@ def test_progress_events_and_cancel(rep):
     with pytest.raises(Cancelled):
         rep.optimize(random_images(32), ANPConfig(iterations=1000, batch_size=16), progress=cancel_at_10, cancel=token)
     assert max(seen) == 10
+
+
+def test_calibration_and_probe_report_progress_and_stop_when_cancelled(tmp_path):
+    """Renormalised conv neurons: calibrate (one event per batch of 256), probe, loop; a cancel in the
+    calibration or the probe stops there and leaves the neurons as they were."""
+    folded = Repairer.open(tiny_model(tmp_path / "folded.onnx", fold_bn=True))
+    data = random_images(300)
+    events = []
+    folded.optimize(data, ANPConfig(iterations=1, batch_size=16), progress=events.append)
+    assert [(e.stage, e.step, e.total) for e in events] == [
+        ("calibrate", 1, 2), ("calibrate", 2, 2), ("probe", 1, 4), ("probe", 2, 4), ("probe", 3, 4), ("probe", 4, 4),
+        ("optimise", 1, 1)]
+    assert events[0].message == "256 of 300 clean images" and events[1].message == "300 of 300 clean images"
+
+    for stage in ("calibrate", "probe"):
+        folded.set_centres({})
+        token = CancelToken()
+        seen = []
+
+        def cancel_in(event, stage=stage):
+            seen.append(event.stage)
+            if event.stage == stage:
+                token.cancel()
+
+        with pytest.raises(Cancelled):
+            folded.optimize(data, ANPConfig(iterations=1000, batch_size=16), progress=cancel_in, cancel=token)
+        assert seen[-1] == stage and "optimise" not in seen and seen.count(stage) == 1
+        modules = list(folded.modules.values())
+        assert not any(m.perturbed or m.batch_stats for m in modules)
+        assert all(float(m.neuron_noise.detach().abs().max()) == 0 for m in modules)
+        if stage == "calibrate":  # a cancelled calibration sets no centres
+            assert folded.centres == {}
 
 
 def test_cuda_without_gpu_is_a_clear_error():

@@ -14,98 +14,22 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 import numpy as np  # noqa: E402
-import onnx  # noqa: E402
 import pytest  # noqa: E402
-from onnx import numpy_helper  # noqa: E402
 
 pytest.importorskip("PySide6")
 pytest.importorskip("pytestqt")
 
-from PySide6.QtCore import QMimeData, QPointF, QSettings, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl  # noqa: E402
 from PySide6.QtGui import QDropEvent  # noqa: E402
-from PySide6.QtWidgets import QApplication, QMessageBox  # noqa: E402
 
 import anp_onnx  # noqa: E402
-from anp_onnx.data import save_npz  # noqa: E402
-from builders import random_images, tiny_model  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT = 30_000  # ms
-
-
-@pytest.fixture
-def settings(tmp_path) -> QSettings:
-    return QSettings(str(tmp_path / "settings" / "anp-onnx-gui.ini"), QSettings.Format.IniFormat)
-
-
-@pytest.fixture
-def win(qtbot, settings):
-    from gui.main_window import MainWindow
-
-    window = MainWindow(settings)
-    qtbot.addWidget(window)
-    window.show()
-    yield window
-    window.runner.wait(5000)
-    for box in window.errors:
-        box.close()
-    window.close()
-
-
-@pytest.fixture
-def files(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    model = tiny_model(work / "model.onnx")
-    save_npz(random_images(64, seed=1), work / "clean.npz")
-    return work, model, work / "clean.npz"
-
-
-def open_model(qtbot, win, path) -> None:
-    win.open_model(str(path))
-    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
-
-
-def load_clean(qtbot, win, path) -> None:
-    win.go_to("data")
-    win.data_page.load("clean", str(path))
-    qtbot.waitUntil(lambda: not win.runner.busy, timeout=TIMEOUT)
-    assert win.session.train is not None
-
-
-def visible_errors(win) -> list[QMessageBox]:
-    return [box for box in win.errors if box.isVisible()]
-
-
-def zero_scales(path: Path) -> int:
-    model = onnx.load(str(path))
-    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    return int(sum((inits[n.input[1]] == 0).sum() for n in model.graph.node if n.op_type == "BatchNormalization"))
-
-
-def answer_next_dialog(qtbot, button_name: str) -> list[str]:
-    """Click ``button_name`` in the next modal dialog; returns the texts of the dialogs seen."""
-    seen: list[str] = []
-
-    def click() -> None:
-        box = QApplication.activeModalWidget()
-        if box is None:
-            QTimer.singleShot(20, click)
-            return
-        seen.append(box.text())
-        for button in box.buttons():
-            if button.objectName() == button_name:
-                button.click()
-                return
-        box.reject()
-
-    QTimer.singleShot(0, click)
-    return seen
+from gui_support import (  # noqa: E402,F401 - fixtures by name
+    ROOT, TIMEOUT, answer_next_dialog, files, load_clean, open_model, settings, visible_errors, win, zero_scales,
+)
 
 
 def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
@@ -163,7 +87,7 @@ def test_full_workflow_exports_a_verified_model(qtbot, win, files, settings):
     with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
         qtbot.mouseClick(win.export_page.export_button, Qt.MouseButton.LeftButton)
     assert exported.args == ["done"]
-    assert out.is_file() and "PASSED" in win.export_page.result.text()
+    assert out.is_file() and "PASSED" in win.export_page.file_verdict.text()
     assert win.session.export.max_abs_diff is not None and win.session.export.max_abs_diff < 1e-3
     loaded = anp_onnx.load_model(out)
     assert loaded.num_classes == 10

@@ -137,6 +137,41 @@ def test_failed_move_into_place_restores_the_old_files(tmp_path: Path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
 
 
+def test_an_optional_output_not_written_again_is_removed_and_a_failure_puts_it_back(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """A re-export without a pruning curve must not leave the last export's curve plot beside the new report."""
+    def outputs_with_old_files():
+        outputs = anp_onnx.outputs.OutputSet(overwrite=True)
+        plot = outputs.add_output(tmp_path / "a.curve.png", "curve plot", optional=True)  # removed first ...
+        a = outputs.add_output(tmp_path / "a", "a")  # ... then a fails to move, the second time
+        a.write_text("old a")
+        plot.write_text("old plot")
+        return outputs, a, plot
+
+    outputs, a, plot = outputs_with_old_files()
+    with outputs.check():
+        outputs.temp(a).write_text("new a")  # the plot is not written this time
+        assert outputs.commit() == [a]
+    assert a.read_text() == "new a" and not plot.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+    outputs, a, plot = outputs_with_old_files()
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == a and Path(src).name == "a":
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+
+    with outputs.check():
+        outputs.temp(a).write_text("new a")
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OutputError, match="nothing was written"):
+            outputs.commit()
+    assert (a.read_text(), plot.read_text()) == ("old a", "old plot")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "a.curve.png"]
+
+
 # ----------------------------------------------------------------------------- 3. unwritable folder, up front
 
 

@@ -11,7 +11,9 @@ from .. import EvalResult, ModelInfo, ProgressEvent, PrunePlan
 class Bar:
     """tqdm progress bars fed by the library's progress events, one per stage."""
 
-    LABELS = {"optimise": "ANP", "sweep": "pruning curve", "evaluate": "evaluate"}
+    LABELS = {"calibrate": "calibrate", "probe": "collapse probe", "optimise": "ANP", "sweep": "pruning curve",
+              "evaluate": "evaluate"}
+    UNITS = {"calibrate": "batch", "probe": "batch", "optimise": "it", "sweep": "pt"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -19,7 +21,7 @@ class Bar:
         self.stage = ""
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled or event.stage not in ("optimise", "sweep"):
+        if not self.enabled or event.stage not in self.UNITS:
             return
         if self.bar is None or event.stage != self.stage:
             from tqdm import tqdm
@@ -27,7 +29,8 @@ class Bar:
             self.close()
             self.stage = event.stage
             self.bar = tqdm(total=event.total, desc=self.LABELS.get(event.stage, event.stage),
-                            unit="it" if event.stage == "optimise" else "pt", file=sys.stderr, dynamic_ncols=True)
+                            unit=self.UNITS[event.stage], file=sys.stderr, dynamic_ncols=True)
+        self.bar.total = event.total  # a retried probe goes on counting: batches 5 to 8 of 8
         self.bar.n = event.step
         self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in event.metrics.items()},
                              refresh=False)

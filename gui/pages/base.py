@@ -11,6 +11,11 @@ from PySide6.QtWidgets import QFrame, QLabel, QVBoxLayout, QWidget
 if TYPE_CHECKING:
     from ..main_window import MainWindow
 
+#: Text colours: a warning (the user should look), an error, a success.
+WARN = "#b35900"
+ERROR = "#b00020"
+GOOD = "#1a7f37"
+
 
 class Page(QWidget):
     """A step of the workflow. ``ready()`` says whether the step can be opened yet."""

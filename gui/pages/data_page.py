@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from PySide6.QtWidgets import (
     QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QLineEdit, QScrollArea, QSpinBox, QVBoxLayout,
@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (
 import anp_onnx
 from anp_onnx import DEFAULT_HOLDOUT, PRESETS
 
-from .base import Page, esc, rich
+from .base import Page, esc, pct, rich
 from .widgets import PathRow, ThumbnailStrip
 
 PRESET_LABELS = {
@@ -188,7 +188,8 @@ class DataPage(Page):
         if path:
             self.load(which, path)
 
-    def load(self, which: str, path: str) -> None:
+    def load(self, which: str, path: str, then: Optional[Callable[[], None]] = None) -> None:
+        """Load the set ``which`` from ``path`` in the background; ``then`` runs once it is loaded."""
         rep = self.session.repairer
         if rep is None or not path or self.win.runner.busy:
             return
@@ -207,8 +208,40 @@ class DataPage(Page):
             parity = rep.check_parity(images) if which == "clean" else None
             return images, parity
 
-        self.win.runner.start(f"Loading {Path(path).name}", job, on_success=lambda r: self._loaded(which, *r),
+        def loaded(result) -> None:
+            self._loaded(which, *result)
+            if then is not None:
+                then()
+
+        self.win.runner.start(f"Loading {Path(path).name}", job, on_success=loaded,
                               on_failure=lambda failure: self._load_failed(which))
+
+    def measure_original(self, then: Optional[Callable[[], None]] = None) -> None:
+        """The original model's clean test accuracy and attack success rate, shown under the test sets."""
+        s = self.session
+        if s.repairer is None or (s.test is None and s.poisoned is None) or self.win.runner.busy:
+            return
+        rep, test, poisoned, target = s.repairer, s.test, s.poisoned, s.target
+        self.test_info.setText("<i>measuring the original model on the test sets…</i>")
+
+        def measured(result: anp_onnx.EvalResult) -> None:
+            self.show_original(result)
+            if then is not None:
+                then()
+
+        self.win.runner.start("Measuring the original model",
+                              lambda progress, cancel: rep.evaluate(test, poisoned=poisoned, target=target),
+                              on_success=measured)
+
+    def show_original(self, result: anp_onnx.EvalResult) -> None:
+        parts = []
+        if result.accuracy is not None:
+            parts.append(f"clean test accuracy <b>{pct(result.accuracy)}</b> ({result.n_clean} images)")
+        if result.asr is not None:
+            guess = ", guessed" if result.target_inferred else ""
+            parts.append(f"<b>attack success rate {pct(result.asr)}</b> (target {result.target}{guess}; "
+                         f"{result.n_poisoned} triggered images)")
+        self.test_info.setText("The original model: " + "; ".join(parts) + ".")
 
     def _loaded(self, which: str, images: anp_onnx.ImageSet, parity: Optional[float]) -> None:
         s = self.session

@@ -7,15 +7,20 @@ confirms before replacing files, and shows the :class:`anp_onnx.RepairResult`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
-from PySide6.QtCore import Signal
-from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QWidget
+from PySide6.QtCore import QUrl, Signal
+from PySide6.QtGui import QDesktopServices
+from PySide6.QtWidgets import (
+    QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QLineEdit, QPushButton, QScrollArea, QVBoxLayout, QWidget,
+)
 
 import anp_onnx
 from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_paths
 
 from ..dialogs import confirm
-from .base import Page, esc, pct, rich
+from ..verdict import judge
+from .base import ERROR, GOOD, WARN, Page, esc, pct, rich
 
 
 class ExportPage(Page):
@@ -53,14 +58,34 @@ class ExportPage(Page):
         self.export_button = QPushButton("Export repaired model", self)
         self.export_button.setObjectName("exportButton")
         self.export_button.clicked.connect(self.export)
+        self.open_folder_button = QPushButton("Open containing folder", self)
+        self.open_folder_button.setObjectName("openFolderButton")
+        self.open_folder_button.setToolTip("Show the exported files in the file manager")
+        self.open_folder_button.clicked.connect(self.open_folder)
+        self.open_folder_button.hide()
+        self.open_url = QDesktopServices.openUrl  # how a folder is shown (the tests record the URL instead)
         h2 = QHBoxLayout()
         h2.addWidget(self.export_button)
+        h2.addWidget(self.open_folder_button)
         h2.addStretch(1)
         self.body.addLayout(h2)
-        self.result = rich(self, "", "exportResult")
-        self.body.addWidget(self.result)
-        self.body.addStretch(1)
+        results = QWidget(self)
+        column = QVBoxLayout(results)
+        column.setContentsMargins(0, 0, 0, 0)
+        self.file_verdict = rich(results, "", "fileVerdict")
+        self.repair_verdict = rich(results, "", "repairVerdict")
+        self.result = rich(results, "", "exportResult")
+        for label in (self.file_verdict, self.repair_verdict, self.result):
+            column.addWidget(label)
+        column.addStretch(1)
+        scroll = QScrollArea(self)  # the verdicts, the figures and the files: scrolled, never cut off
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setWidget(results)
+        self.body.addWidget(scroll, 1)
         self._default_for = None
+        self.verdict = None  # the last export's RepairVerdict
+        self.last_result: Optional[RepairResult] = None
 
     def ready(self) -> bool:
         return self.session.plan is not None
@@ -83,7 +108,13 @@ class ExportPage(Page):
             self.plan_label.setText(f"Will prune <b>{s.plan.count} of {s.plan.total} neurons</b> "
                                     f"({esc(s.plan.spec.describe())}); masks: {esc(s.masks_source)}.")
         if s.export is None:
-            self.result.setText("")
+            self.clear_result()
+
+    def clear_result(self, text: str = "") -> None:
+        self.open_folder_button.hide()
+        self.file_verdict.setText("")
+        self.repair_verdict.setText("")
+        self.result.setText(text)
 
     def browse(self) -> None:
         path, _ = QFileDialog.getSaveFileName(self, "Save the repaired model", self.output.text(),
@@ -116,13 +147,30 @@ class ExportPage(Page):
                            "model for good. Replace it with the repaired model?", yes="Replace original"):
                 self.win.log.note("export cancelled: the input model was not replaced")
                 return
+        if not out.parent.exists():
+            if not confirm(self, "Create the folder?", f"The folder {out.parent} does not exist. Create it and "
+                           "export there?", yes="Create folder"):
+                return
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self.win.error("Cannot create the folder", f"{out.parent}: {exc.strerror or exc}")
+                return
+            self.win.log.note(f"created the folder {out.parent}")
         existing = [p for p in [out, *extras] if p.exists() and not (replace_input and p == out)]
-        if existing and not confirm(self, "Replace existing files?",
-                                    "These files exist and will be replaced:\n" +
-                                    "\n".join(str(p) for p in existing), yes="Replace"):
+        # a report without a pruning curve has no curve plot: an earlier export's is removed, not left stale
+        stale = report_paths(out)["curve"] if self.save_report.isChecked() and s.curve is None else None
+        removed = [p for p in existing if p == stale]
+        replaced = [p for p in existing if p != stale]
+        message = ("These files exist and will be replaced:\n" + "\n".join(str(p) for p in replaced)
+                   if replaced else "")
+        if removed:
+            message += ("\n\n" if message else "") + ("This export has no pruning curve, so the curve plot of an "
+                                                       "earlier export will be removed:\n" + str(removed[0]))
+        if existing and not confirm(self, "Replace existing files?", message, yes="Replace"):
             return
         self.settings.remember_folder("export", out)
-        self.result.setText("exporting and verifying…")
+        self.clear_result("exporting and verifying…")
         self.win.runner.start("Export", self._job(out, replace_input, bool(existing)),
                               on_success=self._done, on_failure=self._failed)
 
@@ -148,9 +196,19 @@ class ExportPage(Page):
     def _done(self, result: RepairResult) -> None:
         self.session.export = result.export
         diff = result.export.max_abs_diff
-        text = (f"<p><b style='color:#1a7f37'>PASSED</b>: {esc(result.export.path)} was written, checked by onnx "
-                f"and verified in onnxruntime: it gives the outputs of the pruned model (largest difference "
-                f"{diff:.1e}).</p>")
+        self.file_verdict.setText(
+            f"<b>The file is valid: <span style='color:{GOOD}'>PASSED</span></b>. {esc(result.export.path)} was "
+            f"written, checked by onnx and verified in onnxruntime: it gives the outputs of the pruned model "
+            f"(largest difference {diff:.1e}).")
+        verdict = judge(result)
+        colour = {True: GOOD, False: WARN, None: "#555"}[verdict.good]
+        lines = [f"<span style='color:{WARN}'>⚠ {esc(w)}</span>" for w in verdict.warnings] + \
+            [f"✓ {esc(f)}" for f in verdict.findings]
+        self.repair_verdict.setText(
+            f"<b>The repair: <span style='color:{colour}'>{esc(verdict.headline)}</span></b>"
+            + ("<br>" + "<br>".join(lines) if lines else ""))
+        self.verdict, self.last_result = verdict, result
+        text = ""
         rows = []
         hb, ha, b, a = result.holdout_before, result.holdout_after, result.before, result.after
         if hb is not None and ha is not None:
@@ -166,10 +224,22 @@ class ExportPage(Page):
                 for name, x, y in rows) + "</table>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"
         self.result.setText(text)
+        self.open_folder_button.show()
         self.win.log.note(f"exported {result.export.path}")
         self.exportFinished.emit("done")
 
+    def folder_url(self) -> Optional[QUrl]:
+        """The folder the last export wrote to, as a URL for the file manager."""
+        if self.last_result is None:
+            return None
+        return QUrl.fromLocalFile(str(Path(self.last_result.export.path).resolve().parent))
+
+    def open_folder(self) -> None:
+        url = self.folder_url()
+        if url is not None and not self.open_url(url):
+            self.win.error("Cannot open the folder", f"no file manager opened {url.toLocalFile()}")
+
     def _failed(self, failure) -> None:
-        self.result.setText(f"<span style='color:#b00020'><b>Export failed:</b> {esc(failure.message)}</span> "
-                            "Nothing was left half-written.")
+        self.clear_result(f"<span style='color:{ERROR}'><b>Export failed:</b> {esc(failure.message)}</span> "
+                          "Nothing was left half-written.")
         self.exportFinished.emit("failed")

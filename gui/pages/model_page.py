@@ -50,8 +50,17 @@ class ModelPage(Page):
         self.open_button = QPushButton("Open model…", self)
         self.open_button.setObjectName("openModelButton")
         self.open_button.clicked.connect(self.win.open_model_dialog)
+        self.sample_button = QPushButton("Try a sample", self)
+        self.sample_button.setObjectName("sampleButton")
+        if self.win.sample is not None:
+            self.sample_button.setToolTip(f"Open {self.win.sample.describe()}, with its clean images, its test "
+                                          "set and a triggered copy: see the attack work, then repair it.")
+        else:
+            self.sample_button.setToolTip("The sample models come with the source checkout (sample_models/).")
+        self.sample_button.clicked.connect(self.win.try_sample)
         self.path_label = rich(self, "<i>No model open.</i>", "modelPath")
         row.addWidget(self.open_button)
+        row.addWidget(self.sample_button)
         row.addWidget(self.path_label, 1)
         self.body.addLayout(row)
 
@@ -152,6 +161,7 @@ class ModelPage(Page):
     def set_busy(self, busy: bool) -> None:
         for w in (self.open_button, self.recent, self.reopen):
             w.setEnabled(not busy)
+        self.sample_button.setEnabled(not busy and self.win.sample is not None)
 
     def refresh(self) -> None:
         info = self.session.info

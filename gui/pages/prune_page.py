@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QComboBox, QDoubleSpinBox, QHBoxLayout, QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QVBoxLayout,
@@ -9,10 +11,11 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
-from anp_onnx import REFERENCE_THRESHOLD, PruneSpec, rank_neurons
+from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, rank_neurons
 
 from ..plots import PruningCurvePlot
-from .base import Page, esc, pct, rich
+from ..stages import StageClock, duration
+from .base import WARN, Page, esc, pct, rich
 from .widgets import NeuronTable
 
 THRESHOLD_STEPS = 1000
@@ -31,6 +34,8 @@ class PrunePage(Page):
         super().__init__(window)
         self._syncing = False
         self._touched = False
+        self._curve_running = False
+        self._curve_clock = StageClock()
         self._masks = None
         self._ranked: list = []
         row = QHBoxLayout()
@@ -42,7 +47,9 @@ class PrunePage(Page):
         self.mode.currentIndexChanged.connect(lambda: self._mode_changed(touched=True))
         self.slider = QSlider(Qt.Orientation.Horizontal, self)
         self.slider.setObjectName("pruneSlider")
-        self.slider.valueChanged.connect(lambda v: self._value_set(v))
+        self.slider.setToolTip("How many neurons to prune (lowest masks first). In Automatic mode, moving it "
+                               "switches to 'Number of neurons'.")
+        self.slider.valueChanged.connect(self._slider_moved)
         self.count = QSpinBox(self)
         self.count.setObjectName("pruneCount")
         self.count.valueChanged.connect(lambda v: self._value_set(v))
@@ -59,13 +66,15 @@ class PrunePage(Page):
         self.budget.setRange(0.0, 50.0)
         self.budget.setDecimals(1)
         self.budget.setSingleStep(0.5)
-        self.budget.setPrefix("accuracy may drop ")
+        self.budget.setPrefix("accuracy budget ")
         self.budget.setSuffix(" points")
         self.budget.setValue(float(self.settings.get("prune/max_drop", 2.0)))
         self.budget.setToolTip("Without a backdoor signal (no suspected target, or it does not go within 10 points), "
                                "the automatic choice prunes until clean accuracy on held-out images first falls more "
                                "than this many percentage points below the original model's.")
         self.budget.editingFinished.connect(self._budget_changed)
+        self.drop_label = rich(self, "", "measuredDrop")
+        self.drop_label.setToolTip("The held-out clean accuracy the automatic choice costs, as measured on the curve.")
         self.auto = QPushButton("Use automatic choice", self)
         self.auto.setObjectName("autoButton")
         self.auto.clicked.connect(self.use_automatic)
@@ -73,6 +82,7 @@ class PrunePage(Page):
                            (self.auto, 0)):
             row.addWidget(w, stretch)
         self.body.addLayout(row)
+        self.body.addWidget(self.drop_label)
         self.summary = rich(self, "", "pruneSummary")
         self.body.addWidget(self.summary)
 
@@ -88,8 +98,14 @@ class PrunePage(Page):
         self.curve_button.clicked.connect(self.compute_curve)
         self.curve_progress = QProgressBar(left)
         self.curve_progress.setObjectName("curveProgress")
+        self.curve_cancel = QPushButton("Cancel", left)
+        self.curve_cancel.setObjectName("curveCancel")
+        self.curve_cancel.setToolTip("Stop measuring the curve; the controls are usable again at once")
+        self.curve_cancel.clicked.connect(self.cancel_curve)
+        self.curve_cancel.hide()
         crow.addWidget(self.curve_button)
         crow.addWidget(self.curve_progress, 1)
+        crow.addWidget(self.curve_cancel)
         lv.addLayout(crow)
         self.curve_info = rich(left, "", "curveInfo")
         lv.addWidget(self.curve_info)
@@ -108,8 +124,10 @@ class PrunePage(Page):
         for w in (self.mode, self.count, self.threshold, self.budget, self.auto, self.curve_button,
                   self.neurons.layer_filter):
             w.setEnabled(not busy)
-        self.slider.setEnabled(not busy and self.mode.currentData() != "auto")
+        self.slider.setEnabled(not busy and self.session.masks is not None)
         self.auto.setEnabled(not busy and self.session.curve is not None)
+        self.curve_cancel.setVisible(self._curve_running)
+        self.curve_cancel.setEnabled(self._curve_running and self.win.runner.busy)
 
     # -- masks and selection ------------------------------------------------------------------
     def refresh(self) -> None:
@@ -152,6 +170,7 @@ class PrunePage(Page):
         self.count.setVisible(mode == "count")
         self.threshold.setVisible(mode == "threshold")
         self.budget.setVisible(mode == "auto")
+        self.drop_label.setVisible(mode == "auto")
         self._syncing = True
         self.slider.setRange(0, THRESHOLD_STEPS if mode == "threshold" else len(self._ranked))
         self._syncing = False
@@ -179,6 +198,18 @@ class PrunePage(Page):
             self.threshold.setValue(value / THRESHOLD_STEPS)
         finally:
             self._syncing = False
+
+    def _slider_moved(self, value: int) -> None:
+        """The user moved the slider; in Automatic mode that means "this many neurons" instead."""
+        if self._syncing or self.session.masks is None:
+            return
+        if self.mode.currentData() == "auto":
+            self.mode.blockSignals(True)
+            self.mode.setCurrentIndex(self.mode.findData("count"))
+            self.mode.blockSignals(False)
+            self._mode_changed(touched=True)
+            self.win.status.setText("Moving the slider switched the choice to 'Number of neurons'.")
+        self._value_set(value)
 
     def _value_set(self, value: int, touched: bool = True) -> None:
         mode = self.mode.currentData()
@@ -221,14 +252,39 @@ class PrunePage(Page):
         if plan.count:
             text += f"; highest pruned mask {self._threshold_for(plan.count):.3f}"
         if s.curve is not None and s.curve.points:
-            point = s.curve.at(plan.count)
-            near = "at" if point.count == plan.count else "near"
-            text += (f". Curve {near} {point.count}: clean accuracy <b>{pct(point.accuracy)}</b>"
-                     + (f", attack success rate <b>{pct(point.asr)}</b>" if point.asr is not None else ""))
+            text += self._curve_figures(s.curve, plan.count)
         self.summary.setText(text + ".")
+        self._show_drop(spec)
         self.plot.mark(plan.count)
         self.neurons.set_plan(plan)
         self.win.plan_changed()
+
+    @staticmethod
+    def _curve_figures(curve, count: int) -> str:
+        """What the curve measured for pruning ``count`` neurons; beyond its last point, that it was not measured."""
+        last = curve.points[-1]
+        if count > last.count:
+            return (f". <span style='color:{WARN}'><b>Accuracy not measured</b> for {count} neurons: the curve "
+                    f"stops at {last.count} neurons (clean accuracy {pct(last.accuracy)} there); pruning more "
+                    f"usually costs more</span>")
+        point = curve.at(count)
+        where = f"at {count}" if point.count == count else f"at its nearest measured point, {point.count} neurons"
+        return (f". Curve {where}: clean accuracy <b>{pct(point.accuracy)}</b> ({drop_text(curve.baseline, point)})"
+                + (f", attack success rate <b>{pct(point.asr)}</b>" if point.asr is not None else ""))
+
+    def _show_drop(self, spec: PruneSpec) -> None:
+        """Next to the budget: what the automatic choice really costs, warned about when beyond the budget."""
+        curve = self.session.curve
+        if spec.mode != "auto" or curve is None:
+            self.drop_label.setText("")
+            return
+        drop = curve.baseline - curve.chosen.accuracy
+        text = f"The automatic choice, measured: {drop_text(curve.baseline, curve.chosen)}"
+        if drop > self.budget.value() / 100 + 1e-9:
+            why = (f"the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g} points"
+                   if curve.signal_gone else f"the curve was measured with a budget of {100 * curve.max_drop:g}")
+            text = f"<span style='color:{WARN}'><b>{text}</b>, more than the budget ({why})</span>"
+        self.drop_label.setText(text)
 
     def use_automatic(self) -> None:
         if self.session.curve is not None:
@@ -250,32 +306,60 @@ class PrunePage(Page):
         suspected, signal_data = s.suspected_target, s.train
         max_drop = self.budget.value() / 100
         device = s.anp_config.device if s.anp_config is not None else "cpu"
-        self.curve_info.setText("measuring clean accuracy as neurons are pruned…")
+        self._curve_where = where
+        self._curve_clock.reset()
+        self.curve_info.setText(f"<b>Measuring the pruning curve</b> on {esc(where)}: clean accuracy"
+                                + (" and the backdoor signal" if suspected is not None else "")
+                                + " as more neurons are pruned. The controls come back when it is done, or "
+                                  "press Cancel.")
         self.curve_progress.setRange(0, 0)
+        self.curve_progress.setFormat("%v of %m points")
 
         def job(progress, cancel):
             return rep.pruning_curve(masks, clean, tiebreak=tiebreak, poisoned=poisoned, target=target,
                                      max_drop=max_drop, suspected_target=suspected, signal_data=signal_data,
                                      device=device, progress=progress, cancel=cancel)
 
-        self.win.runner.start("Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
-                              on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
-                              on_cancel=lambda: self._curve_stopped("cancelled"))
+        task = self.win.runner.start(
+            "Pruning curve", job, on_success=lambda curve: self._curve_done(curve, where),
+            on_progress=self._curve_progress, on_failure=lambda f: self._curve_stopped("failed"),
+            on_cancel=lambda: self._curve_stopped("cancelled"))
+        self._curve_running = task is not None
+        self.set_busy(self.win.runner.busy)
+
+    def cancel_curve(self) -> None:
+        if self._curve_running:
+            self.curve_cancel.setEnabled(False)
+            self.curve_info.setText("Cancelling the pruning curve…")
+            self.win.runner.cancel()
 
     def _curve_progress(self, event: anp_onnx.ProgressEvent) -> None:
+        if not self._curve_running:
+            return
+        self._curve_clock.update(event)
         self.curve_progress.setRange(0, event.total)
         self.curve_progress.setValue(event.step)
+        self.curve_info.setText(f"<b>Measuring the pruning curve</b> on {esc(self._curve_where)}: "
+                                + self._curve_clock.running_text(upper_bound=True)
+                                + " (it stops early once accuracy has fallen far).")
 
     def _curve_stopped(self, state: str) -> None:
+        self._curve_running = False
         self.curve_progress.setRange(0, 1)
         self.curve_progress.setValue(0)
-        self.curve_info.setText(f"curve {state}")
+        self.curve_progress.setFormat("%p%")
+        kept = " The earlier curve is kept." if self.session.curve is not None else \
+            " Click <b>Compute curve</b> to measure it again."
+        self.curve_info.setText(f"The pruning curve was {state}.{kept}")
+        self.set_busy(self.win.runner.busy)
         self.curveFinished.emit(state)
 
     def _curve_done(self, curve, where: str) -> None:
         s = self.session
+        self._curve_running = False
         self.curve_progress.setRange(0, 1)
         self.curve_progress.setValue(1)
+        self.curve_progress.setFormat(f"measured in {duration(time.perf_counter() - self._curve_clock.started)}")
         s.curve, s.curve_where = curve, where
         self.plot.show_curve(curve.points, curve.chosen, len(self._ranked), baseline=curve.baseline,
                              max_drop=curve.max_drop)
@@ -297,3 +381,12 @@ class PrunePage(Page):
             self.use_automatic()
         self.set_busy(self.win.runner.busy)
         self.curveFinished.emit("done")
+
+
+def drop_text(baseline: float, point) -> str:
+    """How far ``point``'s clean accuracy is below the unpruned ``baseline``, in percentage points."""
+    drop = 100 * (baseline - point.accuracy)
+    if abs(drop) < 0.05:
+        return "no accuracy drop"
+    return f"{drop:.1f} points below the unpruned {pct(baseline)}" if drop > 0 else \
+        f"{-drop:.1f} points above the unpruned {pct(baseline)}"

@@ -12,16 +12,10 @@ import anp_onnx
 from anp_onnx import REFERENCE_THRESHOLD, PruneSpec
 
 from ..plots import LossPlot, MaskHistogram
+from ..stages import StageClock, duration, stage_name
 from .base import Page, esc, rich
 
 REDRAW_SECONDS = 0.5  # live plots: at most two redraws a second
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(max(0.0, seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 class RunPage(Page):
@@ -73,6 +67,8 @@ class RunPage(Page):
         self.body.addWidget(split, 1)
         self._started = 0.0
         self._drawn = 0.0
+        self.clock = StageClock()
+        self._kept_centres = None  # the renormalised layers' centres before a run (put back if it does not finish)
         self.refresh()
 
     def ready(self) -> bool:
@@ -115,14 +111,18 @@ class RunPage(Page):
             self.win.error("Cannot start", str(exc))
             return
         rep, train = s.repairer, s.train
-        s.reset_from("masks")
-        self.win.session_changed()
+        # the last finished result (masks, curve, choice) stays until this run finishes: a cancel or a
+        # failure keeps it; the run only changes the renormalised layers' centres, saved to put back
+        self._kept_centres = rep.centres
         self.state = "running"
         self.progress.setRange(0, config.iterations)
         self.progress.setValue(0)
-        self.eta.setText("Starting…")
+        self.progress.setFormat("%p%")
+        self.eta.setText(f"Starting: the calibration of renormalised neurons and the collapse probe (where they "
+                         f"apply) run first, then {config.iterations:,} ANP iterations.")
         self.result.setText("")
         self.loss_plot.reset(config.iterations)
+        self.clock.reset()
         self._started = time.perf_counter()
         self._drawn = 0.0
         self.win.runner.start(
@@ -139,13 +139,16 @@ class RunPage(Page):
             self.win.runner.cancel()
 
     def _progress(self, event: anp_onnx.ProgressEvent) -> None:
-        if event.stage != "optimise" or self.state != "running":
+        if self.state != "running":
             return
+        self.clock.update(event)
+        if self.progress.maximum() != event.total:
+            self.progress.setRange(0, event.total)
+        self.progress.setFormat(f"{stage_name(event.stage)}: %p%")
         self.progress.setValue(event.step)
-        elapsed = time.perf_counter() - self._started
-        left = elapsed / event.step * (event.total - event.step) if event.step else 0
-        self.eta.setText(f"Iteration {event.step:,} of {event.total:,} · {duration(elapsed)} elapsed · "
-                         f"<b>about {duration(left)} left</b>")
+        self.eta.setText(self.clock.text())
+        if event.stage != "optimise":
+            return
         self.loss_plot.add(event.step, event.metrics)
         now = time.perf_counter()
         if self.isVisible() and (now - self._drawn >= REDRAW_SECONDS or event.step == event.total):
@@ -156,26 +159,51 @@ class RunPage(Page):
 
     def _done(self, result: anp_onnx.MaskResult, config: anp_onnx.ANPConfig) -> None:
         self.state = "done"
+        self._kept_centres = None
         self.use_masks(result.masks, f"ANP run ({result.iterations} iterations)", result, result.mean_masks,
                        result.target, config)
-        self.progress.setValue(self.progress.maximum())
-        self.eta.setText(f"Finished {result.iterations:,} iterations in {duration(result.seconds)}.")
+        self.clock.finish()
+        self.progress.setFormat("%p%")
+        self.progress.setRange(0, result.iterations)
+        self.progress.setValue(result.iterations)
+        self.eta.setText(f"Finished {result.iterations:,} iterations; {self.clock.done_text()} "
+                         f"(total {duration(time.perf_counter() - self._started)}).")
         self.loss_plot.set_history(result.history)
         self.runFinished.emit("done")
 
     def _cancelled(self) -> None:
         self.state = "cancelled"
-        self.eta.setText("Cancelled.")
-        self.result.setText("<b>Cancelled.</b> The masks of the stopped run were discarded; nothing was written.")
+        self.eta.setText(f"Cancelled during the {stage_name(self.clock.stage or 'optimise').lower()}.")
+        self.result.setText("<b>Cancelled.</b> The masks of the stopped run were discarded; nothing was written."
+                            + self._keep_previous())
         self.set_busy(False)
         self.runFinished.emit("cancelled")
 
     def _failed(self, failure) -> None:
         self.state = "failed"
         self.eta.setText("Failed.")
-        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>")
+        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>"
+                            + self._keep_previous())
         self.set_busy(False)
         self.runFinished.emit("failed")
+
+    def _keep_previous(self) -> str:
+        """After a run that did not finish: the previous result is still the session's; say so, show it again."""
+        s = self.session
+        if self._kept_centres is not None:
+            s.repairer.set_centres(self._kept_centres)  # as the kept masks were learnt
+            self._kept_centres = None
+        if s.masks is None:
+            self.loss_plot.reset()
+            return ""
+        self.mask_plot.show_masks(s.masks, threshold=REFERENCE_THRESHOLD)
+        if s.mask_result is not None:
+            self.loss_plot.set_history(s.mask_result.history)
+        else:
+            self.loss_plot.reset()
+        choice = f" and the choice of {s.plan.count} neurons" if s.plan is not None else ""
+        return (f"<br>The previous masks ({esc(s.masks_source)}){choice} are kept: <b>Prune</b> and <b>Export</b> "
+                "work on them.")
 
     def use_masks(self, masks: dict, source: str, result=None, mean_masks=None, suspected_target=None,
                   config=None) -> None:

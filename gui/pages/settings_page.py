@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 from PySide6.QtCore import QEvent, QObject, Signal
 from PySide6.QtWidgets import (
-    QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton, QSpinBox, QWidget,
+    QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton, QSpinBox, QVBoxLayout,
+    QWidget,
 )
 
 import anp_onnx
@@ -70,6 +71,7 @@ class SettingsPage(Page):
         main = QGroupBox("Optimisation", self)
         form = QFormLayout(main)
         self.fields: dict[str, QWidget] = {}
+        self.forms: dict[str, QFormLayout] = {}  # the form each field is in (its label is there)
         self._spin("iterations", 0, 1_000_000, form, "Iterations")
         self.fields["iterations"].setSpecialValueText("automatic")
         self._spin("batch_size", 2, 65536, form, "Images per step (batch size)")
@@ -85,7 +87,9 @@ class SettingsPage(Page):
         self._double("momentum", 0.0, 0.999, 0.05, form, "Momentum", decimals=3)
         row.addWidget(main, 1)
         more = QGroupBox("Details and device", self)
-        form2 = QFormLayout(more)
+        more_box = QVBoxLayout(more)
+        form2 = QFormLayout()
+        more_box.addLayout(form2)
         bn = QComboBox(more)
         bn.addItem("Batch statistics (reference)", "train")
         bn.addItem("Stored running statistics", "eval")
@@ -107,7 +111,8 @@ class SettingsPage(Page):
             device.model().item(2).setEnabled(False)
         self._add("device", device, form2, "Device", device.currentIndexChanged)
         self.device_label = rich(more, f"Detected: <b>{esc(detected_device())}</b>", "deviceLabel")
-        form2.addRow("", self.device_label)
+        more_box.addWidget(self.device_label)  # below the form: a wrapping label in a form row gets clipped
+        more_box.addStretch(1)
         row.addWidget(more, 1)
         self.body.addLayout(row)
         buttons = QHBoxLayout()
@@ -136,6 +141,7 @@ class SettingsPage(Page):
         widget.setObjectName(f"anp_{key}")
         widget.setToolTip(HELP[key])
         self.fields[key] = widget
+        self.forms[key] = form
         form.addRow(label, widget)
         form.labelForField(widget).setToolTip(HELP[key])
         widget.setProperty("helpKey", key)
@@ -147,7 +153,7 @@ class SettingsPage(Page):
         if event.type() in (QEvent.Type.FocusIn, QEvent.Type.Enter) and hasattr(self, "help"):
             key = watched.property("helpKey")
             if key in HELP:
-                label = self.fields[key].parentWidget().layout().labelForField(self.fields[key])
+                label = self.forms[key].labelForField(self.fields[key])
                 self.help.setText(f"<b>{esc(label.text() if label else key)}</b>: {esc(HELP[key])}")
         return super().eventFilter(watched, event)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -69,14 +70,31 @@ class ThumbnailStrip(QListWidget):
             self.addItem(item)
 
 
+def dropped_paths(event) -> list[str]:
+    """The local files and folders a drag carries."""
+    mime = event.mimeData()
+    return [u.toLocalFile() for u in mime.urls() if u.isLocalFile()] if mime.hasUrls() else []
+
+
+def is_data_path(path: str) -> bool:
+    """An image folder or an .npz file: what a data set is read from."""
+    p = Path(path)
+    return p.is_dir() or (p.is_file() and p.suffix.lower() == ".npz")
+
+
 class PathRow(QWidget):
-    """A path box with Folder… / .npz… buttons (and Clear for optional sets)."""
+    """A path box with Folder… / .npz… buttons (and Clear for optional sets); a folder or .npz dropped
+    on it loads that set."""
 
     def __init__(self, page, which: str, optional: bool) -> None:
         super().__init__(page)
+        self.page, self.which = page, which
+        self.setAcceptDrops(True)
         self.edit = QLineEdit(self)
         self.edit.setObjectName(f"{which}Path")
-        self.edit.setPlaceholderText("a folder with one sub-folder per class, or an .npz file (x, y)")
+        self.edit.setAcceptDrops(False)  # the row takes the drop: a path, not text pasted into the box
+        self.edit.setPlaceholderText("a folder with one sub-folder per class, or an .npz file (x, y); or drop one "
+                                     "here")
         self.edit.returnPressed.connect(lambda: page.load(which, self.edit.text().strip()))
         folder = QPushButton("Folder…", self)
         folder.clicked.connect(lambda: page.browse(which, folder=True))
@@ -97,6 +115,21 @@ class PathRow(QWidget):
             clear.clicked.connect(lambda: page.clear_set(which))
             row.addWidget(clear)
             self.buttons.append(clear)
+
+    def _dropped(self, event) -> Optional[str]:
+        if not self.edit.isEnabled():  # busy
+            return None
+        return next((p for p in dropped_paths(event) if is_data_path(p)), None)
+
+    def dragEnterEvent(self, event) -> None:
+        if self._dropped(event):
+            event.acceptProposedAction()
+
+    def dropEvent(self, event) -> None:
+        path = self._dropped(event)
+        if path:
+            event.acceptProposedAction()
+            self.page.load(self.which, path)
 
 
 class NeuronTable(QWidget):

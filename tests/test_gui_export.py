@@ -1,0 +1,125 @@
+"""The Export step: a valid file and a good repair are two verdicts; folders; the files written (issue #14)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+from PySide6.QtCore import Qt, QUrl
+
+import anp_onnx
+from gui_support import (  # noqa: F401 - fixtures by name
+    TIMEOUT, answer_next_dialog, backdoored, files, linear_masks, load_clean, load_set, open_model, settings,
+    visible_errors, win,
+)
+from gui.verdict import judge
+
+
+def export_backdoored(qtbot, win, backdoored, out, count: int):
+    """Open the backdoored model with its clean, test and triggered sets; prune ``count`` neurons of
+    seeded random masks (the curve is measured); export to ``out``."""
+    open_model(qtbot, win, backdoored["model"])
+    load_clean(qtbot, win, backdoored["clean"])
+    load_set(qtbot, win, "test", backdoored["test"])
+    load_set(qtbot, win, "poisoned", backdoored["poisoned"])
+    win.data_page.target.setValue(0)
+    rng = np.random.default_rng(0)
+    win.run_page.use_masks({layer.name: rng.random(layer.size).astype(np.float32)
+                            for layer in win.session.info.neurons.layers}, "random masks")
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
+        win.go_to("prune")
+    win.prune_page.set_spec(anp_onnx.PruneSpec.count(count))
+    win.go_to("export")
+    win.export_page.output.setText(str(out))
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        win.export_page.export()
+    assert exported.args == ["done"]
+    return win.export_page
+
+
+def test_a_valid_file_and_a_bad_repair_are_two_verdicts(qtbot, win, backdoored, tmp_path):
+    page = export_backdoored(qtbot, win, backdoored, tmp_path / "bad.onnx", count=30)
+    assert "valid" in page.file_verdict.text() and "PASSED" in page.file_verdict.text()
+    repair = page.repair_verdict.text()
+    assert page.verdict.good is False and "check before use" in repair
+    assert "points lost, more than the budget of 2 points" in repair  # 30 random neurons cost accuracy
+    assert "#b35900" in repair and "PASSED" not in repair  # the warning colour, not the file's green
+    assert not visible_errors(win)
+
+
+def test_the_repair_verdict_reads_what_was_measured(qtbot, win, backdoored, tmp_path):
+    """The same export read with other figures: ASR gone and accuracy kept, or nothing about the backdoor."""
+    export_backdoored(qtbot, win, backdoored, tmp_path / "none.onnx", count=0)
+    result = win.export_page.last_result
+    assert judge(result).good is False  # nothing pruned: the attack still works
+    removed = replace(result, after=replace(result.after, asr=0.0))
+    verdict = judge(removed)
+    assert verdict.good is True and verdict.headline == "looks good" and not verdict.warnings
+    assert any("no longer works" in f for f in verdict.findings)
+    unmeasured = replace(result, before=None, after=None, curve=None)
+    verdict = judge(unmeasured)
+    assert verdict.good is None and "not measured" in verdict.warnings[0]
+
+
+def masks_and_plan(qtbot, win, model, clean, spec):
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    win.prune_page.set_spec(spec)
+    win.go_to("export")
+
+
+def export_to(qtbot, win, out):
+    win.export_page.output.setText(str(out))
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+        win.export_page.export()
+    assert exported.args == ["done"]
+
+
+def test_a_missing_folder_is_created_when_accepted_and_then_opened(qtbot, win, files):
+    work, model, clean = files
+    masks_and_plan(qtbot, win, model, clean, anp_onnx.PruneSpec.count(3))
+    page = win.export_page
+    out = work / "new" / "sub" / "r.onnx"
+    page.output.setText(str(out))
+    seen = answer_next_dialog(qtbot, "confirmNo")
+    page.export()
+    assert seen and "does not exist" in seen[0] and not (work / "new").exists() and not win.runner.busy
+    assert not page.open_folder_button.isVisible()
+
+    seen = answer_next_dialog(qtbot, "confirmYes")
+    with qtbot.waitSignal(page.exportFinished, timeout=TIMEOUT) as exported:
+        page.export()
+    assert exported.args == ["done"] and seen and out.is_file()
+    assert page.open_folder_button.isVisible()
+    opened = []
+    page.open_url = lambda url: opened.append(url) or True  # record instead of starting a file manager
+    qtbot.mouseClick(page.open_folder_button, Qt.MouseButton.LeftButton)
+    assert opened == [QUrl.fromLocalFile(str(out.parent.resolve()))]
+    assert not visible_errors(win)
+
+
+def test_a_re_export_without_a_curve_leaves_no_stale_curve_plot(qtbot, win, files, tmp_path):
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    saved = win.run_page.save_masks(str(tmp_path / "m.masks.json"))
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
+        win.go_to("prune")  # the first export has a pruning curve
+    win.go_to("export")
+    out = work / "r.onnx"
+    export_to(qtbot, win, out)
+    plot = work / "r.curve.png"
+    assert plot.is_file() and "r.curve.png" in (work / "r.report.md").read_text()
+
+    win.run_page.load_masks(str(saved[0]))  # masks from a file: no curve until the Prune step measures one
+    win.prune_page.set_spec(anp_onnx.PruneSpec.count(2))
+    assert win.session.curve is None
+    win.go_to("export")
+    seen = answer_next_dialog(qtbot, "confirmYes")
+    export_to(qtbot, win, out)
+    assert seen and "will be removed" in seen[0] and str(plot) in seen[0].split("removed")[1]
+    assert not plot.exists() and "curve.png" not in (work / "r.report.md").read_text()
+    assert str(plot) not in win.export_page.result.text()
+    assert not visible_errors(win)
