@@ -32,7 +32,7 @@ from .data import ImageSet, load_images
 from .errors import SettingsError
 from .evaluate import EvalResult, evaluate
 from .export import PARITY_IMAGES, export, random_images
-from .finish import Evaluation, finish, refine, repair_outputs, save_masks
+from .finish import Evaluation, finish, refine, refinement_facts, repair_outputs, save_masks, stages_ran
 from .learn import learn_masks
 from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_path
 from .metadata import preprocessing_from_metadata, read_metadata
@@ -181,16 +181,25 @@ class Repairer:
                       source_sha256=self.model_facts().get("sha256"))
 
     def finish(self, plan: PrunePlan, masks: Mapping[str, np.ndarray], out: os.PathLike | str, *,
-               save_masks: bool = True, **kwargs) -> RepairResult:
-        """Export ``plan``, save the masks beside it, evaluate before/after and write the report
-        (see :func:`anp_onnx.finish.finish` for the keyword arguments)."""
-        kwargs.setdefault("stages", tuple(stages_ran(self.parity, kwargs.get("optimisation"), kwargs.get("curve"))))
+               save_masks: bool = True, refinements: Sequence[str] = (), refine_data: Optional[ImageSet] = None,
+               progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+               **kwargs) -> RepairResult:
+        """Run ``refinements`` on ``refine_data`` (see :func:`repair`), export ``plan``, save the masks beside
+        it, evaluate before/after and write the report (see :func:`anp_onnx.finish.finish`)."""
+        opt = kwargs.get("optimisation")
+        kwargs.setdefault("stages", tuple(stages_ran(self.parity, opt, kwargs.get("curve")) + list(refinements)))
         masks_path = default_masks_path(out) if save_masks else None
         outputs = repair_outputs(self.model, out, masks_path=masks_path, report=kwargs.get("report", True),
                                  overwrite=kwargs.get("overwrite", False),
                                  replace_input=kwargs.get("replace_input", False))
-        return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
-                      parity=self.parity, outputs=outputs, **kwargs)
+        holdout = kwargs["evaluation"].holdout if "evaluation" in kwargs else None
+        initializers, refined = refine(self.ctx, plan, refine_data, refinements, target=getattr(opt, "target", None),
+                                       device=getattr(opt, "device", "cpu"), holdout=holdout, progress=progress,
+                                       cancel=cancel) if refinements else ({}, [])
+        result = finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
+                        parity=self.parity, outputs=outputs, initializers=initializers,
+                        refined=refinement_facts(refinements, refined), **kwargs)
+        return result
 
     def evaluate(self, clean: Optional[ImageSet], *, poisoned: Optional[ImageSet] = None,
                  target: Optional[int] = None, model: Optional[LoadedModel] = None) -> EvalResult:
@@ -202,16 +211,6 @@ class Repairer:
         return ModelInfo(m.path, m.input, m.num_classes, m.opset, m.ir_version,
                          f"{m.proto.producer_name} {m.proto.producer_version}".strip(), self.neurons,
                          self.parity, m.notes + self.neurons.notes, read_metadata(m.proto))
-
-
-def stages_ran(parity: Optional[float], optimisation: Optional[MaskResult],
-               curve: Optional[PruningCurve]) -> list[str]:
-    """The stages before the write-back that produced these results, in pipeline order."""
-    stages = ["convert"] + (["parity"] if parity is not None else [])
-    if optimisation is not None:
-        stages += (["calibrate"] if optimisation.centres else []) + (["probe"] if optimisation.probe else [])
-        stages.append(optimisation.stage)
-    return stages + ["rank"] + (["curve"] if curve is not None else [])
 
 
 def inspect_model(path: os.PathLike | str, *, layout: Optional[str] = None,
@@ -319,16 +318,13 @@ def repair(
     plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
     initializers, refined = refine(rep.ctx, plan, clean, refinements, target=result.target, device=result.device,
-                             seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
-    stages = stages_ran(diff, result, curve) + list(refinements)
-    repaired = finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
+                                   seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
+    return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
                   masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),
-                  metadata={"data": clean.source}, parity=diff, stages=tuple(stages), initializers=initializers,
-                  started=start, outputs=checked)
-    repaired.refinements = {name: {"metrics": r.metrics, "seconds": round(r.seconds, 1),
-                                   "initializers": len(r.initializers)} for name, r in zip(refinements, refined)}
-    return repaired
+                  metadata={"data": clean.source}, parity=diff, initializers=initializers, started=start,
+                  stages=tuple(stages_ran(diff, result, curve) + list(refinements)), outputs=checked,
+                  refined=refinement_facts(refinements, refined))
 
 
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,

@@ -127,7 +127,7 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
            parity: Optional[float] = None, stages: tuple[str, ...] = (), masks_source: str = "learnt in this run",
            initializers: Optional[Mapping[str, np.ndarray]] = None, replace_input: bool = False,
            mean_masks: Optional[Mapping[str, np.ndarray]] = None, started: Optional[float] = None,
-           outputs: Optional[OutputSet] = None) -> RepairResult:
+           outputs: Optional[OutputSet] = None, refined: Optional[Mapping[str, dict]] = None) -> RepairResult:
     """Write the repaired model for ``plan``, its masks (unless ``masks_path`` is None) and report.
 
     ``optimisation`` is the mask stage's result when the masks were learnt in this run;
@@ -148,7 +148,7 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
                                curve=curve, evaluation=evaluation, verify_images=verify_images, masks_path=masks_path,
                                report=report, model_facts=model_facts, metadata=metadata, parity=parity,
                                stages=stages, masks_source=masks_source, initializers=initializers,
-                               mean_masks=mean_masks, start=start)
+                               mean_masks=mean_masks, start=start, refined=refined)
         except OSError as exc:
             raise OutputError(f"cannot write the outputs of {out} ({exc.strerror or exc}); nothing was written") \
                 from exc
@@ -158,7 +158,7 @@ def finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray],
 
 def _finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray], out: Path, outputs: OutputSet, *,
             optimisation, config, curve, evaluation, verify_images, masks_path, report, model_facts, metadata,
-            parity, stages, masks_source, initializers, mean_masks, start) -> RepairResult:
+            parity, stages, masks_source, initializers, mean_masks, start, refined=None) -> RepairResult:
     """:func:`finish` with every file written to the temporary names of ``outputs``."""
     facts = dict(model_facts or {})
     meta = dict(metadata or {})
@@ -192,10 +192,26 @@ def _finish(ctx: RepairContext, plan: PrunePlan, masks: Mapping[str, np.ndarray]
     repaired = RepairResult(out, dict(masks), plan, ctx.layers, config, ctx.preprocessing, optimisation, result,
                             parity, before, after, holdout_before, holdout_after, files,
                             time.perf_counter() - start, curve, list(stages) + ["write-back", "verify"],
-                            masks_source)
+                            masks_source, dict(refined or {}))
     if before is not None or holdout_before is not None:
         repaired.stages.append("evaluate")
     if report:
         repaired.stages.append("report")
         repaired.files += write_report(repaired, to=outputs.temp)
     return repaired
+
+
+def refinement_facts(names: Sequence[str], results) -> dict[str, dict]:
+    """``RepairResult.refinements``: per refinement its figures, seconds and how many initializers it changed."""
+    return {n: {"metrics": r.metrics, "seconds": round(r.seconds, 1), "initializers": len(r.initializers)}
+            for n, r in zip(names, results)}
+
+
+def stages_ran(parity: Optional[float], optimisation: Optional[MaskResult],
+               curve: Optional[PruningCurve]) -> list[str]:
+    """The stages before the write-back that produced these results, in pipeline order."""
+    stages = ["convert"] + (["parity"] if parity is not None else [])
+    if optimisation is not None:
+        stages += (["calibrate"] if optimisation.centres else []) + (["probe"] if optimisation.probe else [])
+        stages.append(optimisation.stage)
+    return stages + ["rank"] + (["curve"] if curve is not None else [])

@@ -44,6 +44,7 @@ def report_dict(result: RepairResult) -> dict:
         "files": [str(f) for f in result.files],
         "seconds": round(result.seconds, 2),
         "stages": list(result.stages),
+        "refinements": result.refinements,
         "masks_source": result.masks_source,
         "optimisation": _optimisation(result),
         "preprocessing": result.preprocessing.to_dict(),
@@ -147,6 +148,10 @@ def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
     lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
     if result.stages:
         lines += ["Stages run: " + " -> ".join(result.stages) + ".", ""]
+    for name, facts in result.refinements.items():
+        figures = ", ".join(f"{k} {v:g}" for k, v in facts.get("metrics", {}).items())
+        lines += [f"Refinement {name}: {facts.get('initializers', 0)} initializers changed in "
+                  f"{facts.get('seconds', 0):.0f} s ({figures}).", ""]
     if opt is not None and opt.centres:
         lines += [f"{len(opt.centres)} neuron layers without normalisation (BatchNorm folded away or absent) were "
                   "renormalised: perturbed as BatchNorm channels with clean-data statistics; their pruned "

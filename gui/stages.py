@@ -18,6 +18,7 @@ STAGES = {
     "probe": ("Collapse probe", "batch"),
     "optimise": ("ANP optimisation", "iteration"),
     "sweep": ("Pruning curve", "point"),
+    "refine": ("Trigger scan and unlearning", "step"),
     "evaluate": ("Evaluation", "batch"),
 }
 

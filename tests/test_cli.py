@@ -422,7 +422,7 @@ def test_inspect_model_with_batchnorm_folded_uses_conv_channels(files, bad, caps
 def test_repair_folded_model_renormalises_and_prune_reuses_the_centres(files, bad, capsys) -> None:
     out, again = bad["root"] / "folded_out.onnx", bad["root"] / "folded_again.onnx"
     assert main(["repair", str(bad["folded"]), "--data", str(files["clean"]), "--out", str(out),
-                 "--iterations", "3", "--batch-size", "8", "--count", "3"]) == 0
+                 "--iterations", "3", "--batch-size", "8", "--count", "3", "--refine", "none"]) == 0
     assert "renormalised layers: 2 without normalisation" in capsys.readouterr().out
     report = json.loads((bad["root"] / "folded_out.report.json").read_text())
     assert len(report["optimisation"]["renormalised_layers"]) == 2
@@ -434,7 +434,7 @@ def test_repair_folded_model_renormalises_and_prune_reuses_the_centres(files, ba
     assert {t.name: t.raw_data for t in a.graph.initializer} == {t.name: t.raw_data for t in b.graph.initializer}
     plain = bad["root"] / "folded_plain.onnx"
     assert main(["repair", str(bad["folded"]), "--data", str(files["clean"]), "--out", str(plain),
-                 "--iterations", "3", "--batch-size", "8", "--count", "3", "--no-renormalise"]) == 0
+                 "--iterations", "3", "--batch-size", "8", "--count", "3", "--no-renormalise", "--refine", "none"]) == 0
     assert "renormalised layers" not in capsys.readouterr().out
 
 
@@ -595,3 +595,22 @@ def test_a_bug_keeps_its_traceback_and_still_ends_with_failed(files, capsys, mon
     with pytest.raises(RuntimeError, match="a bug"):
         main(["inspect", str(files["model"])])
     assert capsys.readouterr().out == f"FAILED: inspect {files['model']}\n"
+
+
+def test_repair_unlearns_by_default_and_says_what_it_did(repaired) -> None:
+    line = next(x for x in repaired["stdout"].splitlines() if x.startswith("refinement unlearn: "))
+    assert "initializers changed" in line or "skipped (no backdoor suspected" in line
+    report = json.loads((repaired["dir"] / "rep.report.json").read_text())
+    assert "unlearn" in report["stages"] and "unlearn" in report["refinements"]
+
+
+def test_refine_none_and_reference_run_no_refinement() -> None:
+    from anp_onnx.cli import build_parser
+    from anp_onnx.cli.repair import _refinements
+
+    parse = build_parser().parse_args
+    base = ["repair", "m.onnx", "--data", "d", "--out", "o.onnx"]
+    assert _refinements(parse(base)) == ("unlearn",)
+    assert _refinements(parse(base + ["--refine", "none"])) == ()
+    assert _refinements(parse(base + ["--reference"])) == ()
+    assert _refinements(parse(base + ["--reference", "--refine", "unlearn"])) == ("unlearn",)

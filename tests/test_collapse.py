@@ -179,5 +179,5 @@ def test_invalid_target_settings(bad):
 def test_repair_rejects_a_target_outside_the_classes(models, tmp_path):
     with pytest.raises(anp_onnx.AnpOnnxError, match="not a class"):
         anp_onnx.repair(models["target0"], synthetic_images(40, seed=3), out=tmp_path / "r.onnx",
-                        config=ANPConfig(iterations=2, batch_size=16, target=10))
+                        config=ANPConfig(iterations=2, batch_size=16, target=10), refinements=())
     assert not (tmp_path / "r.onnx").exists()

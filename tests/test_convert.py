@@ -130,7 +130,7 @@ def test_final_softmax_is_stripped_for_anp_and_reapplied_for_checks(tmp_path):
     import anp_onnx
     result = anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
                              config=anp_onnx.ANPConfig(iterations=3, batch_size=16),
-                             pruning=anp_onnx.PruneSpec.count(3))
+                             pruning=anp_onnx.PruneSpec.count(3), refinements=())
     assert result.export.max_abs_diff < 1e-5
     assert onnx.load(tmp_path / "r.onnx").graph.node[-1].op_type == "Softmax"
 
@@ -154,7 +154,7 @@ def test_opset_18_plus_models_convert_and_keep_their_opset(tmp_path, opset):
     assert parity(model, net, random_images(8).x, Preprocessing()) < TOL
     import anp_onnx
     anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
-                    config=anp_onnx.ANPConfig(iterations=2, batch_size=16), pruning=anp_onnx.PruneSpec.count(2))
+                    config=anp_onnx.ANPConfig(iterations=2, batch_size=16), pruning=anp_onnx.PruneSpec.count(2), refinements=())
     assert [i.version for i in onnx.load(tmp_path / "r.onnx").opset_import if i.domain == ""] == [opset]
 
 
@@ -203,7 +203,7 @@ def test_ir3_model_with_initializers_as_inputs_is_repaired_in_place(tmp_path):
     onnx.save(m, path)
     result = anp_onnx.repair(path, random_images(48), out=tmp_path / "r.onnx", report=False,
                              config=anp_onnx.ANPConfig(iterations=2, batch_size=16),
-                             pruning=anp_onnx.PruneSpec.count(3))
+                             pruning=anp_onnx.PruneSpec.count(3), refinements=())
     written = onnx.load(tmp_path / "r.onnx")
     onnx.checker.check_model(written)
     assert written.ir_version == 3 and len(written.graph.initializer) == len(m.graph.initializer)  # no copies

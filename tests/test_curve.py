@@ -129,7 +129,7 @@ def test_report_files(tmp_path):
     data = synthetic_images(120, seed=3)
     result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx",
                              config=anp_onnx.ANPConfig(iterations=5, batch_size=32),
-                             test_data=data, poisoned_data=add_trigger(data))
+                             test_data=data, poisoned_data=add_trigger(data), refinements=())
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["b.onnx", "r.curve.png", "r.mask_values.txt", "r.masks.json", "r.masks.png", "r.onnx",
                      "r.report.json", "r.report.md"]

@@ -15,9 +15,9 @@ from gui_support import (  # noqa: F401 - fixtures by name
 from gui.verdict import judge
 
 
-def export_backdoored(qtbot, win, backdoored, out, count: int):
+def export_backdoored(qtbot, win, backdoored, out, count: int, unlearn: bool = False):
     """Open the backdoored model with its clean, test and triggered sets; prune ``count`` neurons of
-    seeded random masks (the curve is measured); export to ``out``."""
+    seeded random masks (the curve is measured); export to ``out`` (with the unlearning if ``unlearn``)."""
     open_model(qtbot, win, backdoored["model"])
     load_clean(qtbot, win, backdoored["clean"])
     load_set(qtbot, win, "test", backdoored["test"])
@@ -30,6 +30,8 @@ def export_backdoored(qtbot, win, backdoored, out, count: int):
         win.go_to("prune")
     win.prune_page.set_spec(anp_onnx.PruneSpec.count(count))
     win.go_to("export")
+    assert win.export_page.unlearn.isChecked()  # the default
+    win.export_page.unlearn.setChecked(unlearn)
     win.export_page.output.setText(str(out))
     with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
         win.export_page.export()
@@ -61,12 +63,22 @@ def test_the_repair_verdict_reads_what_was_measured(qtbot, win, backdoored, tmp_
     assert verdict.good is None and "not measured" in verdict.warnings[0]
 
 
+def test_export_unlearns_the_suspected_trigger_when_asked(qtbot, win, backdoored, tmp_path):
+    """With the unlearning (the default) the export changes weights, the attack fails, the page says so."""
+    page = export_backdoored(qtbot, win, backdoored, tmp_path / "unlearnt.onnx", count=0, unlearn=True)
+    result = page.last_result
+    assert "unlearn" in result.stages and result.refinements["unlearn"]["initializers"] > 0
+    assert result.before.asr > 0.9 and result.after.asr < 0.5 * result.before.asr
+    assert "Unlearning (unlearn):" in page.result.text() and "PASSED" in page.file_verdict.text()
+
+
 def masks_and_plan(qtbot, win, model, clean, spec):
     open_model(qtbot, win, model)
     load_clean(qtbot, win, clean)
     win.run_page.use_masks(linear_masks(win), "test masks")
     win.prune_page.set_spec(spec)
     win.go_to("export")
+    win.export_page.unlearn.setChecked(False)  # these tests are about the files, not the weights
 
 
 def export_to(qtbot, win, out):

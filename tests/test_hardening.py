@@ -18,7 +18,7 @@ from anp_onnx.data import ImageSet, save_npz
 from anp_onnx.errors import OutputError
 from builders import command_files, random_images, tiny_model
 
-TINY = ["--iterations", "2", "--batch-size", "16", "--device", "cpu", "--threshold", "0.2"]
+TINY = ["--iterations", "2", "--batch-size", "16", "--device", "cpu", "--threshold", "0.2", "--refine", "none"]
 
 
 def _sha(path: Path) -> str:
@@ -246,7 +246,7 @@ def test_diverged_optimisation_writes_nothing(files, out_dir, monkeypatch) -> No
     with pytest.raises(anp_onnx.SettingsError, match="diverged"):
         anp_onnx.repair(files["model"], files["clean"], out=out_dir / "r.onnx",
                         config=anp_onnx.ANPConfig(iterations=2, batch_size=16, device="cpu"),
-                        pruning=anp_onnx.PruneSpec.threshold(0.2))
+                        pruning=anp_onnx.PruneSpec.threshold(0.2), refinements=())
     assert list(out_dir.iterdir()) == []
 
 

@@ -87,7 +87,7 @@ def test_a_new_mask_stage_runs_the_whole_pipeline(registered, tmp_path):
     model = tiny_model(tmp_path / "m.onnx")
     data = random_images(60)
     result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(seed=3),
-                             pruning=anp_onnx.PruneSpec.count(5), holdout=0)
+                             pruning=anp_onnx.PruneSpec.count(5), holdout=0, refinements=())
     scores = RandomStage().run(anp_onnx.Repairer.open(model).ctx, data, RandomScores(seed=3), target=None).masks
     lowest = sorted((v, name, i) for name, vals in scores.items() for i, v in enumerate(vals))[:5]
     assert sorted((n, i) for _, n, i in lowest) == sorted((n, i) for n, idx in result.pruned.items() for i in idx)
@@ -103,7 +103,7 @@ def test_a_refinement_is_written_back_and_verified(registered, tmp_path):
     data = random_images(60)
     spec = anp_onnx.PruneSpec.count(3)
     anp_onnx.repair(model, data, out=tmp_path / "plain.onnx", config=RandomScores(), pruning=spec,
-                            holdout=0, report=False)
+                            holdout=0, report=False, refinements=())
     refined = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(), pruning=spec,
                               holdout=0, report=False, refinements=["bias-test"])
     gemm = next(n for n in onnx.load(model).graph.node if n.op_type == "Gemm")

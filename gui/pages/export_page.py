@@ -50,6 +50,14 @@ class ExportPage(Page):
         self.save_report = QCheckBox("Save a report next to it (.report.md and .report.json, with plots)", self)
         self.save_report.setObjectName("saveReportCheck")
         self.save_report.setChecked(True)
+        self.unlearn = QCheckBox("Unlearn the suspected trigger first (changes weights, takes minutes; "
+                                 "recommended: pruning alone rarely removes third-party backdoors)", self)
+        self.unlearn.setObjectName("unlearnCheck")
+        self.unlearn.setToolTip("Reconstructs a trigger for the suspected target (and the class a per-class scan "
+                                "finds) on the clean images and unlearns it; kept only while held-out accuracy "
+                                "stays within 3 points. Skipped when no backdoor is suspected.")
+        self.unlearn.setChecked(True)
+        form.addRow("", self.unlearn)
         form.addRow("", self.save_masks)
         form.addRow("", self.save_report)
         self.body.addLayout(form)
@@ -91,7 +99,8 @@ class ExportPage(Page):
         return self.session.plan is not None
 
     def set_busy(self, busy: bool) -> None:
-        for w in (self.output, self.browse_button, self.export_button, self.save_masks, self.save_report):
+        for w in (self.output, self.browse_button, self.export_button, self.unlearn, self.save_masks,
+                  self.save_report):
             w.setEnabled(not busy)
 
     def refresh(self) -> None:
@@ -184,12 +193,14 @@ class ExportPage(Page):
         config = s.masks_config if optimisation is not None else None
         meta = {"data": verify.source} if verify is not None else {}
         source, mean_masks = s.masks_source, s.mean_masks
+        refinements = ("unlearn",) if self.unlearn.isChecked() and verify is not None else ()
 
         def job(progress, cancel):
             return rep.finish(plan, masks, out, save_masks=save_masks, optimisation=optimisation, config=config,
                               curve=curve, evaluation=evaluation, verify_images=verify, report=report,
                               overwrite=overwrite, metadata=meta, masks_source=source,
-                              replace_input=replace_input, mean_masks=mean_masks)
+                              replace_input=replace_input, mean_masks=mean_masks, refinements=refinements,
+                              refine_data=verify, progress=progress, cancel=cancel)
 
         return job
 
@@ -222,6 +233,14 @@ class ExportPage(Page):
             text += "<table cellspacing='6'><tr><th></th><th>before</th><th>after</th></tr>" + "".join(
                 f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
                 for name, x, y in rows) + "</table>"
+        for name, facts in result.refinements.items():
+            m = facts.get("metrics", {})
+            if m.get("skipped"):
+                text += f"<p>Unlearning skipped: no backdoor suspected (scan anomaly {m.get('scan_anomaly', 0):.2f}).</p>"
+            else:
+                classes = " and ".join(str(int(v)) for k, v in sorted(m.items()) if k.startswith("target_"))
+                text += (f"<p>Unlearning ({esc(name)}): {int(m.get('rounds', 0))} rounds kept for class {classes}, "
+                         f"{facts.get('initializers', 0)} initializers changed, {facts.get('seconds', 0):.0f} s.</p>")
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"
         self.result.setText(text)
         self.open_folder_button.show()
