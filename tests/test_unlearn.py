@@ -75,3 +75,35 @@ def test_an_unknown_refinement_fails_before_any_work(tmp_path):
     with pytest.raises(anp_onnx.SettingsError, match="unknown refinement"):
         anp_onnx.repair(model, synthetic_images(40, seed=0), out=tmp_path / "r.onnx", refinements=("nope",))
     assert not (tmp_path / "r.onnx").exists()
+
+
+def _refine(path, data, holdout, target):
+    from anp_onnx.finish import refine
+
+    rep = anp_onnx.Repairer.open(path)
+    plan = rep.plan({layer.name: np.ones(layer.size, np.float32) for layer in rep.ctx.layers},
+                    anp_onnx.PruneSpec.count(0))
+    values, (result,) = refine(rep.ctx, plan, data, ["unlearn"], target=target, holdout=holdout)
+    return values, result
+
+
+def test_rounds_beyond_the_accuracy_guard_are_reverted(tmp_path, monkeypatch):
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=2, epochs=1, steps=20, scan_steps=5, retries=1))
+    monkeypatch.setattr(unlearn_module, "MAX_DROP_POINTS", -101.0)  # no round can stay within it
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0)
+    assert values == {} and result.metrics["rounds"] == 0
+
+
+def test_nothing_suspected_means_nothing_changes(tmp_path, monkeypatch):
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=1, epochs=1, steps=20, scan_steps=5))
+    monkeypatch.setattr(unlearn_module, "ANOMALY_MIN", 1e9)
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=None)
+    assert values == {} and result.metrics["skipped"] == 1.0 and "scan_anomaly" in result.metrics
