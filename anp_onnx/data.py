@@ -51,6 +51,8 @@ class ImageSet:
         where = self.source or "image set"
         if x.ndim != 4:
             raise DataError(f"{where}: images must be (N, C, H, W), got shape {x.shape}")
+        if 0 in x.shape[1:]:
+            raise DataError(f"{where}: images of shape {x.shape} have zero channels, height or width")
         if y.ndim != 1 or len(y) != len(x) or (y.size and not np.issubdtype(y.dtype, np.integer)):
             raise DataError(f"{where}: labels must be {len(x)} integers, got {y.dtype} shape {y.shape}")
         object.__setattr__(self, "x", x.astype(np.float32, copy=False))
@@ -151,30 +153,34 @@ def _folder_files(root: Path) -> tuple[list[tuple[int, Path]], tuple[str, ...] |
 
 def _decode(path: Path, channels: int) -> np.ndarray:
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"image file {path} is empty (0 bytes); expected a readable image file")
         with Image.open(path) as im:
             arr = np.asarray(im.convert(_PIL_MODES[channels]), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}; expected a readable image file") from None
+    if arr.size == 0:
+        raise DataError(f"image {path} has zero width or height ({arr.shape[1]}x{arr.shape[0]} pixels)")
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def _load_folder(root: Path, size: tuple[int, int] | None, channels: int, limit: int | None) -> ImageSet:
+    """Images decoded and resized one at a time: memory holds the result and one decoded file."""
     files, names = _folder_files(root)
     files = files[:limit]
-    arrays = [_decode(p, channels) for _, p in files]
-    shapes = {a.shape[:2] for a in arrays}
-    if size is None and len(shapes) > 1:
-        odd = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
-        (h0, w0), (h1, w1) = arrays[0].shape[:2], arrays[odd].shape[:2]
-        raise DataError(
-            f"images in {root} differ in size ({files[odd][1]} is {h1}x{w1}, the first is {h0}x{w0}); "
-            "give an image size to resize them"
-        )
-    x = np.empty((len(arrays), channels, *(size or arrays[0].shape[:2])), dtype=np.float32)
-    for shape in shapes:  # resize each group of same-sized images together
-        idx = [i for i, a in enumerate(arrays) if a.shape[:2] == shape]
-        batch = np.stack([arrays[i] for i in idx]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        x[idx] = _resize(batch, size)
+    x: np.ndarray | None = None
+    for i, (_, path) in enumerate(files):
+        image = _decode(path, channels)
+        if x is None:
+            first = (path, image.shape[:2])
+            x = np.empty((len(files), channels, *(size or image.shape[:2])), dtype=np.float32)
+        elif size is None and image.shape[:2] != first[1]:
+            (h0, w0), (h1, w1) = first[1], image.shape[:2]
+            raise DataError(
+                f"images in {root} differ in size ({path} is {h1}x{w1}, the first is {h0}x{w0}); "
+                "give an image size to resize them"
+            )
+        x[i] = _resize(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0, size)[0]
     return ImageSet(x, np.asarray([label for label, _ in files], dtype=np.int64), names, str(root))
 
 
@@ -202,6 +208,8 @@ def _load_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, tu
     x = x[:, :, :, None] if x.ndim == 3 else x
     if x.ndim != 4:
         raise DataError(f"images in {path} must be (N, H, W, C), (N, C, H, W) or (N, H, W), got {x.shape}")
+    if len(x) and 0 in x.shape[1:]:
+        raise DataError(f"images in {path} have shape {x.shape}: zero height, width or channels")
     if len(x) != len(y):
         raise DataError(f"{path} has {len(x)} images and {len(y)} labels; expected one label per image")
     if len(x) == 0:

@@ -325,3 +325,75 @@ def test_npy_named_npz_is_one_line(files, out_dir, capsys) -> None:
     with open(fake, "wb") as f:
         np.save(f, np.zeros((4, 16, 16, 3), dtype=np.uint8))
     _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(fake)]), "not an .npz archive")
+
+
+# ----------------------------------------------------------------------------- 7. zero-size images
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels (and no image data)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("shape, dtype, says", [
+    ((0, 16, 16, 3), np.uint8, "no images"),
+    ((5, 0, 0, 3), np.uint8, "zero"),
+    ((5, 0, 0, 3), np.float32, "zero"),
+    ((5, 3, 0, 16), np.float32, "zero"),
+    ((5, 16, 16, 0), np.uint8, "zero"),
+], ids=["no_images", "uint8_0x0", "float_0x0", "float_zero_height", "no_channels"])
+def test_zero_size_images_in_npz_are_one_line(files, out_dir, capsys, shape, dtype, says) -> None:
+    bad = out_dir / "empty.npz"
+    np.savez(bad, x=np.zeros(shape, dtype), y=np.zeros(shape[0], np.int64))
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(bad)]), str(bad))
+    assert says in line
+
+
+@pytest.mark.parametrize("what, content, says", [
+    ("empty file", b"", "empty (0 bytes)"),
+    ("0x0 png", _png_header_only(0, 0), "cannot decode"),
+], ids=["empty_file", "png_0x0"])
+def test_zero_size_image_files_are_one_line(files, out_dir, capsys, what, content, says) -> None:
+    for label in ("0", "1"):
+        (out_dir / "data" / label).mkdir(parents=True)
+    (out_dir / "data" / "0" / "bad.png").write_bytes(content)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(out_dir / "data" / "1" / "good.png")
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(out_dir / "data")]),
+                           str(out_dir / "data" / "0" / "bad.png"))
+    assert says in line
+
+
+def test_folder_of_large_images_is_decoded_one_at_a_time(tmp_path) -> None:
+    """Memory holds the resized set and one decoded file, not every decoded file (camera photos)."""
+    import tracemalloc
+
+    from PIL import Image
+
+    n, side = 24, 256
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (tmp_path / str(i % 2)).mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / str(i % 2) / f"{i}.png")
+    tracemalloc.start()
+    try:
+        images = anp_onnx.load_images(tmp_path, size=(16, 16), channels=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert images.x.shape == (n, 3, 16, 16)
+    assert peak < n * side * side * 3, peak  # below the decoded files' bytes, let alone their floats
+
+
+def test_image_set_refuses_zero_height_or_width() -> None:
+    with pytest.raises(anp_onnx.DataError, match="zero"):
+        ImageSet(np.zeros((2, 3, 0, 4), np.float32), np.zeros(2, np.int64), source="made")
+    assert len(ImageSet(np.zeros((0, 3, 4, 4), np.float32), np.zeros(0, np.int64))) == 0  # no images is a set
