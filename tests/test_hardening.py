@@ -397,3 +397,61 @@ def test_image_set_refuses_zero_height_or_width() -> None:
     with pytest.raises(anp_onnx.DataError, match="zero"):
         ImageSet(np.zeros((2, 3, 0, 4), np.float32), np.zeros(2, np.int64), source="made")
     assert len(ImageSet(np.zeros((0, 3, 4, 4), np.float32), np.zeros(0, np.int64))) == 0  # no images is a set
+
+
+# ----------------------------------------------------------------------------- 11. Ctrl-C while starting
+
+
+_BLOCK_TORCH = """
+import sys, time
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            print("importing torch", file=sys.stderr, flush=True)
+            time.sleep(120)  # Ctrl-C arrives here, in the middle of the import
+        return None
+sys.meta_path.insert(0, Block())
+from anp_onnx.cli import main  # must not import torch
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(files) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCK_TORCH, "inspect", str(files["model"])], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline() == "importing torch\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert err == "anp-onnx: interrupted; nothing was written\n"
+    assert out == "FAILED: interrupted\n"
+
+
+def test_ctrl_c_while_the_library_loads_in_process(files, capsys, monkeypatch) -> None:
+    import builtins
+    import sys
+
+    from anp_onnx import cli
+
+    real = builtins.__import__
+
+    def interrupted(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "commands" and level == 1:
+            raise KeyboardInterrupt
+        return real(name, globals, locals, fromlist, level)
+
+    monkeypatch.delitem(sys.modules, "anp_onnx.cli.commands", raising=False)
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    assert cli.main(["--json", "inspect", str(files["model"])]) == 130
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "anp-onnx: interrupted; nothing was written\nFAILED: interrupted\n")
