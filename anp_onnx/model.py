@@ -35,6 +35,12 @@ _QUANTIZED_OPS = {
 }
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 LAYOUTS = ("NCHW", "NHWC")
+#: Largest input a model may declare (checked before anything is allocated): pixels a side,
+#: channels, values per image, values per onnxruntime run with a fixed batch (unknown sizes count 1).
+MAX_SIDE = 16384
+MAX_CHANNELS = 1024
+MAX_IMAGE_VALUES = 2**26
+MAX_BATCH_VALUES = 2**28
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,19 @@ def find_image_input(model: onnx.ModelProto, layout: Optional[str] = None) -> In
     return InputSpec(value.name, layout, int(c), h, w, batch, np.dtype(dtype).name)
 
 
+def check_input_size(spec: InputSpec, where: str) -> None:
+    """Refuse declared input sizes no image classifier has, before any array of that size is made."""
+    image = spec.channels * (spec.height or 1) * (spec.width or 1)
+    checks = (("a height of {} pixels", spec.height, MAX_SIDE), ("a width of {} pixels", spec.width, MAX_SIDE),
+              ("{} channels", spec.channels, MAX_CHANNELS), ("{} values per image", image, MAX_IMAGE_VALUES),
+              ("{} values per run of its fixed batch", (spec.batch or 1) * image, MAX_BATCH_VALUES))
+    for what, value, limit in checks:
+        if value and value > limit:
+            raise UnsupportedModelError(
+                f"{where}: input {spec.describe()} declares {what.format(value)}, more than the {limit} anp-onnx "
+                "accepts; refused before anything of that size is allocated")
+
+
 def _check_not_quantized(model: onnx.ModelProto) -> None:
     quant = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
     if quant:
@@ -285,6 +304,7 @@ def from_proto(
     """Describe an in-memory model (see :func:`load_model`)."""
     _check_not_quantized(proto)
     spec = find_image_input(proto, layout)
+    check_input_size(spec, str(path or "the model"))
     run, notes = runnable_copy(proto)
     try:
         run = onnx.shape_inference.infer_shapes(run)

@@ -399,6 +399,49 @@ def test_image_set_refuses_zero_height_or_width() -> None:
     assert len(ImageSet(np.zeros((0, 3, 4, 4), np.float32), np.zeros(0, np.int64))) == 0  # no images is a set
 
 
+# ----------------------------------------------------------------------------- 8. absurd input dimensions
+
+
+def _declared_input_model(path: Path, dims: list) -> Path:
+    """A valid model (mean over C, H, W -> 10 logits) whose input declares ``dims``; output shape unknown."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((1, 10), np.float32), "w")
+    axes = numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+         helper.make_node("Flatten", ["m"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "declared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "K"])], [w, axes])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), str(path))
+    return path
+
+
+@pytest.mark.parametrize("dims, says", [
+    ([1, 3, 10**9, 10**9], "height"),
+    (["N", 3, 10**9, 32], "height"),
+    ([1, 10**9, 32, 32], "channels"),
+    (["N", 10**9, "H", "W"], "channels"),
+    ([10**9, 3, 32, 32], "fixed batch"),
+    ([1, 3, 12000, 12000], "values per image"),
+])
+def test_absurd_input_dimensions_are_refused_before_any_allocation(tmp_path, capsys, monkeypatch, dims, says) -> None:
+    model = _declared_input_model(tmp_path / "huge.onnx", dims)
+
+    def no_session(*args, **kwargs):
+        raise AssertionError("onnxruntime ran before the input dimensions were checked")
+
+    monkeypatch.setattr("anp_onnx.model.make_session", no_session)
+    line = _one_line_error(capsys, main(["inspect", str(model)]), "input")
+    assert says in line and str(model) in line
+
+
+def test_a_large_but_sane_input_still_loads(tmp_path) -> None:
+    loaded = anp_onnx.load_model(_declared_input_model(tmp_path / "big.onnx", ["N", 3, 1024, 1024]))
+    assert loaded.input.size == (1024, 1024) and loaded.num_classes == 10
+
+
 # ----------------------------------------------------------------------------- 11. Ctrl-C while starting
 
 
