@@ -41,6 +41,9 @@ MAX_SIDE = 16384
 MAX_CHANNELS = 1024
 MAX_IMAGE_VALUES = 2**26
 MAX_BATCH_VALUES = 2**28
+#: Ops whose initializer inputs are weights: an infinite value there is damage, not a fill value.
+_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+               "LayerNormalization", "GroupNormalization"}
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,42 @@ def check_input_size(spec: InputSpec, where: str) -> None:
                 "accepts; refused before anything of that size is allocated")
 
 
+def non_finite_weights(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """``(name, "NaN" | "infinite")`` for each float initializer or Constant holding NaN, or holding an
+    infinity where a weight op (Conv, Gemm, MatMul, the normalisations) reads it; -inf as a fill value
+    elsewhere (a Max, a mask) is legitimate."""
+    weights = {i for n in model.graph.node if n.op_type in _WEIGHT_OPS for i in n.input}
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [(n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" and n.output
+                for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+    bad = []
+    for name, tensor in tensors:
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        try:
+            values = onnx.numpy_helper.to_array(tensor)
+        except Exception as exc:  # raw data of the wrong length and other damage
+            raise ModelError(f"tensor {name} cannot be read ({_first_line(exc)})") from exc
+        values = values.astype(np.float32, copy=False) if values.dtype.kind != "f" else values
+        if np.isnan(values).any():
+            bad.append((name, "NaN"))
+        elif name in weights and np.isinf(values).any():
+            bad.append((name, "infinite"))
+    return bad
+
+
+def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
+    try:
+        bad = non_finite_weights(proto)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+    if bad:
+        shown = ", ".join(f"{name} ({kind})" for name, kind in bad[:3])
+        shown += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ModelError(f"{path}: weights hold NaN or infinite values: {shown}; the file is damaged or its "
+                         "training diverged, and such a model can be neither evaluated nor repaired")
+
+
 def _check_not_quantized(model: onnx.ModelProto) -> None:
     quant = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
     if quant:
@@ -284,6 +323,7 @@ def load_model(path: os.PathLike | str, layout: Optional[str] = None) -> LoadedM
     newer = proto.ir_version > onnx.IR_VERSION
     if not newer:  # the checker refuses IR versions newer than itself: check the runnable copy then
         _check(proto, path)
+    _check_finite(proto, path)
     loaded = from_proto(proto, path=path, layout=layout, external=external, external_files=files)
     if newer:
         _check(loaded.runnable, path)

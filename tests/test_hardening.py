@@ -442,6 +442,86 @@ def test_a_large_but_sane_input_still_loads(tmp_path) -> None:
     assert loaded.input.size == (1024, 1024) and loaded.num_classes == 10
 
 
+# ----------------------------------------------------------------------------- 9. NaN / infinite weights
+
+
+@pytest.fixture(scope="module")
+def damaged(files) -> dict[str, Path]:
+    """Copies of the tiny model with NaN and infinite weights (in a conv, a BatchNorm and the classifier)."""
+    import onnx
+    from onnx import numpy_helper
+
+    def damage(name: str, change: dict) -> Path:
+        proto = onnx.load(str(files["model"]))
+        for t in proto.graph.initializer:
+            if t.name in change:
+                a = numpy_helper.to_array(t).copy()
+                a.flat[0] = change[t.name]
+                t.CopyFrom(numpy_helper.from_array(a, t.name))
+        path = files["root"] / f"{name}.onnx"
+        onnx.save_model(proto, str(path))
+        return path
+
+    return {"nan": damage("nan_weights", {"features.0.weight": np.nan}),
+            "inf": damage("inf_weights", {"head.2.bias": np.inf, "features.4.weight": -np.inf}),
+            "nan_bn": damage("nan_bn", {"features.1.running_var": np.nan})}
+
+
+@pytest.mark.parametrize("which, names", [("nan", ["features.0.weight"]), ("inf", ["features.4.weight", "head.2.bias"]),
+                                          ("nan_bn", ["features.1.running_var"])])
+@pytest.mark.parametrize("command", ["inspect", "evaluate", "repair"])
+def test_non_finite_weights_are_named(files, damaged, out_dir, capsys, which, names, command) -> None:
+    args = {"inspect": ["inspect", str(damaged[which])],
+            "evaluate": ["evaluate", str(damaged[which]), "--data", str(files["test"])],
+            "repair": ["repair", str(damaged[which]), "--data", str(files["clean"]), "--out", str(out_dir / "r.onnx"),
+                       *TINY]}[command]
+    line = _one_line_error(capsys, main(args), str(damaged[which]))
+    assert all(name in line for name in names), line
+    assert ("NaN" if which != "inf" else "infinite") in line and "conversion" not in line
+    assert list(out_dir.iterdir()) == []
+
+
+def test_infinite_constant_that_the_model_handles_is_accepted(tmp_path) -> None:
+    """-inf is a legitimate fill value (a Max with -inf is the identity): only weights are checked."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Max", ["f", "lowest"], ["g"]), helper.make_node("Gemm", ["g", "w", "b"], ["y"])],
+        "fill", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(np.array([-np.inf], np.float32), "lowest"),
+         numpy_helper.from_array(np.ones((3, 4), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    path = tmp_path / "fill.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    result = anp_onnx.evaluate_model(path, _images_npz(tmp_path, 8, 4))
+    assert result.n_clean == 8
+
+
+def _images_npz(root: Path, size: int, classes: int, n: int = 8) -> Path:
+    path = root / "images.npz"
+    save_npz(ImageSet(random_images(n, size=size).x, (np.arange(n) % classes).astype(np.int64)), path)
+    return path
+
+
+def test_nan_outputs_of_the_model_are_refused_not_counted(tmp_path, capsys) -> None:
+    """A model that outputs NaN (here: Log of a negative number) is refused by evaluate, not scored."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "w", "b"], ["g"]), helper.make_node("Log", ["g"], ["y"])],
+        "nan_out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(-np.ones((3, 4), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    path = tmp_path / "nan_out.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    line = _one_line_error(capsys, main(["evaluate", str(path), "--data", str(_images_npz(tmp_path, 8, 4))]), str(path))
+    assert "NaN or infinite" in line
+
+
 # ----------------------------------------------------------------------------- 11. Ctrl-C while starting
 
 
