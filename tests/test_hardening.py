@@ -522,6 +522,30 @@ def test_nan_outputs_of_the_model_are_refused_not_counted(tmp_path, capsys) -> N
     assert "NaN or infinite" in line
 
 
+# ----------------------------------------------------------------------------- 10. one class of clean data
+
+
+def test_repair_on_one_class_is_refused_before_any_work(files, out_dir, capsys, monkeypatch) -> None:
+    one = out_dir / "one_class.npz"
+    save_npz(ImageSet(random_images(40, seed=4).x, np.full(40, 3, np.int64)), one)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was checked for parity before the labels were")
+
+    monkeypatch.setattr("anp_onnx.api.parity", no_work)
+    rc = main(["-q", "repair", str(files["model"]), "--data", str(one), "--out", str(out_dir / "r.onnx"), *TINY])
+    line = _one_line_error(capsys, rc, str(one))
+    assert "only class 3" in line and "at least 2 classes" in line
+    assert [p.name for p in out_dir.iterdir()] == ["one_class.npz"]
+
+
+def test_optimize_on_one_class_is_refused(files) -> None:
+    rep = anp_onnx.Repairer.open(files["model"])
+    with pytest.raises(anp_onnx.DataError, match="only class 0"):
+        rep.optimize(ImageSet(random_images(20).x, np.zeros(20, np.int64), source="made"),
+                     anp_onnx.ANPConfig(iterations=1, batch_size=8, device="cpu"))
+
+
 # ----------------------------------------------------------------------------- 11. Ctrl-C while starting
 
 
