@@ -148,9 +148,11 @@ def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str],
         raise ModelError(f"{path} is not an ONNX model (no graph found)")
     external_tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
     external = frozenset(t.name for t in external_tensors)
-    files = frozenset(
-        str((path.parent / e.value).resolve()) for t in external_tensors for e in t.external_data if e.key == "location"
-    )
+    locations = {e.value for t in external_tensors for e in t.external_data if e.key == "location"}
+    try:
+        files = frozenset(str((path.parent / location).resolve()) for location in locations)
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long, a symbolic-link loop
+        raise ModelError(f"{path}: an external data location is not a usable path ({_first_line(exc)})") from exc
     folder = path.parent.resolve()
     outside = sorted(f for f in files if not Path(f).is_relative_to(folder))
     if outside:
@@ -310,7 +312,13 @@ def _num_classes(run: onnx.ModelProto, spec: InputSpec) -> tuple[str, int]:
 def _probe_classes(run: onnx.ModelProto, spec: InputSpec) -> int:
     h, w = spec.height or 32, spec.width or 32
     shape = (spec.batch or 1,) + ((spec.channels, h, w) if spec.layout == "NCHW" else (h, w, spec.channels))
-    out = make_session(run).run(None, {spec.name: np.zeros(shape, dtype=spec.dtype)})[0]
+    try:
+        out = make_session(run).run(None, {spec.name: np.zeros(shape, dtype=spec.dtype)})[0]
+    except ModelError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception classes: the graph does not run at that size
+        raise ModelError(f"onnxruntime cannot run the model on a blank {'x'.join(map(str, shape))} input to count "
+                         f"its classes: {_first_line(exc)}") from exc
     if out.ndim < 2 or int(np.prod(out.shape[1:])) != out.shape[-1]:
         raise UnsupportedModelError(f"first output has shape {list(out.shape)}: not a classifier's logits")
     return int(out.shape[-1])

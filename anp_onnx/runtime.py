@@ -36,6 +36,15 @@ def ort_logits(model: LoadedModel, x: np.ndarray, session: Optional[Any] = None)
 
 
 def _run(model: LoadedModel, x: np.ndarray, session: Any) -> np.ndarray:
+    try:
+        return _run_batches(model, x, session)
+    except Exception as exc:  # onnxruntime's own exception classes (a graph that fails on these inputs)
+        text = str(exc).strip().splitlines()
+        raise ModelError(f"{model.path or 'the model'}: onnxruntime fails to run the model on "
+                         f"{len(x)} images: {text[0] if text else type(exc).__name__}") from exc
+
+
+def _run_batches(model: LoadedModel, x: np.ndarray, session: Any) -> np.ndarray:
     batch = model.input.batch
     if batch is None:
         out = session.run([model.output_name], {model.input.name: x.astype(model.input.dtype)})[0]

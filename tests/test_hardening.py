@@ -602,3 +602,113 @@ def test_ctrl_c_while_the_library_loads_in_process(files, capsys, monkeypatch) -
     assert cli.main(["--json", "inspect", str(files["model"])]) == 130
     out, err = capsys.readouterr()
     assert (out, err) == ("", "anp-onnx: interrupted; nothing was written\nFAILED: interrupted\n")
+
+
+# ----------------------------------------------------------------------------- 12. found by the fuzzer (tests/test_fuzz.py)
+
+
+def _lying_npz(path: Path, shape: tuple) -> Path:
+    """An .npz whose x's .npy header claims ``shape`` (uint8) with almost no data behind it."""
+    import zipfile
+
+    header = repr({"descr": "|u1", "fortran_order": False, "shape": shape}).encode("latin1")
+    header += b" " * (64 - (10 + len(header) + 1) % 64) + b"\n"
+    labels = io_bytes(np.zeros(3, np.int64))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\x00" * 64)
+        z.writestr("y.npy", labels)
+    return path
+
+
+def io_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def test_npz_header_claiming_terabytes_is_refused_before_reading(files, out_dir, capsys) -> None:
+    bad = _lying_npz(out_dir / "lying.npz", (10**6, 10**6))
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(bad)]), str(bad))
+    assert "GiB" in line and "(1000000, 1000000)" in line
+
+
+def test_damaged_compressed_npz_is_one_line(files, out_dir, capsys) -> None:
+    good = out_dir / "good.npz"
+    save_npz(random_images(8, seed=3), good)
+    data = bytearray(good.read_bytes())
+    data[55] ^= 0xFF  # inside x's deflate stream: zlib.error, not an OSError
+    bad = out_dir / "bad.npz"
+    bad.write_bytes(bytes(data))
+    _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(bad)]), "cannot read")
+
+
+@pytest.mark.parametrize("text", ['{"layers": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                  '{"layers": [{"name": "a", "mask": [' + "1" * 400 + "]}]}"],
+                         ids=["nested_deeply", "integer_too_large"])
+def test_masks_files_that_broke_the_json_reader_are_one_line(files, out_dir, capsys, text) -> None:
+    bad = out_dir / "bad.masks.json"
+    bad.write_text(text)
+    rc = main(["prune", str(files["model"]), "--masks", str(bad), "--out", str(out_dir / "p.onnx")])
+    assert "masks file" in _one_line_error(capsys, rc, str(bad))
+
+
+def test_masks_document_keys_do_not_pose_as_layer_facts(files, out_dir, capsys, masks_doc) -> None:
+    """Top-level "centres"/"mean_masks" are not the facts read from the layers (prune crashed on them)."""
+    doc = json.loads(json.dumps(masks_doc))
+    for layer in doc["layers"]:
+        layer.pop("centre", None), layer.pop("spread", None), layer.pop("mean_mask", None)
+    doc.update(centres="not statistics", mean_masks=3)
+    masks = out_dir / "odd.masks.json"
+    masks.write_text(json.dumps(doc))
+    assert main(["-q", "prune", str(files["model"]), "--masks", str(masks), "--count", "2",
+                 "--out", str(out_dir / "p.onnx")]) == 0, capsys.readouterr()
+
+
+def _mismatched_gemm_model(path: Path, output_dims: list) -> Path:
+    """Valid to onnx.checker, but its Gemm reads 5 features where the pooled input has 3: it cannot run."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+         helper.make_node("Gemm", ["f", "w", "b"], ["g"], transB=1), helper.make_node("Shape", ["g"], ["s"]),
+         helper.make_node("Reshape", ["g", "s"], ["y"])],  # a shape inference cannot follow: classes unknown
+        "mismatch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_dims)],
+        [numpy_helper.from_array(np.ones((4, 5), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return path
+
+
+def test_a_model_onnxruntime_cannot_run_is_one_line(tmp_path, capsys) -> None:
+    probed = _mismatched_gemm_model(tmp_path / "probed.onnx", ["N", "K"])  # classes counted by running it
+    _one_line_error(capsys, main(["inspect", str(probed)]), "cannot run the model")
+    declared = _mismatched_gemm_model(tmp_path / "declared.onnx", ["N", 4])  # runs first in evaluate
+    line = _one_line_error(capsys, main(["evaluate", str(declared), "--data", str(_images_npz(tmp_path, 8, 4))]),
+                           str(declared))
+    assert "fails to run the model" in line
+
+
+def test_external_data_location_with_a_nul_byte_is_one_line(tmp_path, capsys) -> None:
+    import onnx
+
+    proto = onnx.load(str(tiny_model(tmp_path / "plain.onnx", seed=3)))
+    tensor = proto.graph.initializer[0]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "weights\x00.bin"
+    path = tmp_path / "nul.onnx"
+    path.write_bytes(proto.SerializeToString())
+    _one_line_error(capsys, main(["inspect", str(path)]), "not a usable path")
+
+
+def test_image_larger_than_decodable_is_refused_from_its_header(files, out_dir, capsys) -> None:
+    for label in ("0", "1"):
+        (out_dir / "data" / label).mkdir(parents=True)
+        (out_dir / "data" / label / "big.png").write_bytes(_png_header_only(9000, 9000))  # 81 M pixels, no data
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(out_dir / "data")]),
+                           "9000x9000 pixels")
+    assert "big.png" in line
