@@ -712,3 +712,86 @@ def test_image_larger_than_decodable_is_refused_from_its_header(files, out_dir, 
     line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(out_dir / "data")]),
                            "9000x9000 pixels")
     assert "big.png" in line
+
+
+# ----------------------------------------------------------------------------- 13. Ctrl-C and hostile inputs, end to end
+
+
+def test_ctrl_c_while_the_outputs_are_moved_keeps_every_old_file(tmp_path: Path, monkeypatch) -> None:
+    """A KeyboardInterrupt between two moves: the set is rolled back as for an OSError (the old b was
+    in the temporary folder at that moment, which is then deleted)."""
+    outputs = anp_onnx.outputs.OutputSet(overwrite=True)
+    a, b = outputs.add_output(tmp_path / "a", "a"), outputs.add_output(tmp_path / "b", "b")
+    a.write_text("old a")
+    b.write_text("old b")
+    real = os.replace
+    with pytest.raises(KeyboardInterrupt):
+        with outputs.check():
+            outputs.temp(a).write_text("new a")
+            outputs.temp(b).write_text("new b")
+
+            def replace(src, dst):
+                if Path(dst) == b and Path(src).name == "b":
+                    raise KeyboardInterrupt
+                return real(src, dst)
+
+            monkeypatch.setattr(os, "replace", replace)
+            outputs.commit()
+    assert (a.read_text(), b.read_text()) == ("old a", "old b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_ctrl_c_during_anp_writes_nothing(files, out_dir, capsys, monkeypatch) -> None:
+    from anp_onnx.anp import ANPStage
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ANPStage, "run", interrupted)
+    assert _repair(files, out_dir / "r.onnx") == 130
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1] == "anp-onnx: interrupted; nothing was written" and "Traceback" not in err
+    assert out.splitlines()[-1].startswith("FAILED: ") and out.endswith("(interrupted)\n")
+    assert list(out_dir.iterdir()) == []
+
+
+class _Marker:
+    """Unpickling this would create ``path``: an .npz must never be unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_npz_is_refused_without_unpickling(files, out_dir, capsys) -> None:
+    marker = out_dir / "unpickled"
+    bad = out_dir / "pickled.npz"
+    x = np.empty(4, dtype=object)
+    x[:] = [_Marker(str(marker))] * 4
+    np.savez(bad, x=x, y=np.arange(4))
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(bad)]), str(bad))
+    assert "allow_pickle" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_external_data_outside_the_folder_by_path_is_not_read(tmp_path: Path, capsys, where) -> None:
+    import onnx
+
+    secret_dir, model_dir = tmp_path / "secret", tmp_path / "model"
+    secret_dir.mkdir()
+    model_dir.mkdir()
+    proto = onnx.load(str(tiny_model(tmp_path / "plain.onnx", seed=3)))
+    onnx.save_model(proto, str(secret_dir / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    written = onnx.load(str(secret_dir / "m.onnx"), load_external_data=False)
+    location = "../secret/weights.bin" if where == "parent" else str(secret_dir / "weights.bin")
+    for tensor in written.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    (model_dir / "model.onnx").write_bytes(written.SerializeToString())
+    line = _one_line_error(capsys, main(["inspect", str(model_dir / "model.onnx")]), "outside the model's folder")
+    assert "weights.bin" in line
