@@ -21,6 +21,8 @@ from onnx import TensorProto, helper
 from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelError, UnsupportedModelError
+from .model_checks import FLOAT_TYPES as _FLOAT_TYPES
+from .model_checks import check_attributes, check_finite, check_input_size, first_line as _first_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,17 +35,7 @@ _QUANTIZED_OPS = {
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearConcat",
 }
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 LAYOUTS = ("NCHW", "NHWC")
-#: Largest input a model may declare (checked before anything is allocated): pixels a side,
-#: channels, values per image, values per onnxruntime run with a fixed batch (unknown sizes count 1).
-MAX_SIDE = 16384
-MAX_CHANNELS = 1024
-MAX_IMAGE_VALUES = 2**26
-MAX_BATCH_VALUES = 2**28
-#: Ops whose initializer inputs are weights: an infinite value there is damage, not a fill value.
-_WEIGHT_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
-               "LayerNormalization", "GroupNormalization"}
 
 
 @dataclass(frozen=True)
@@ -123,11 +115,6 @@ def make_session(model: onnx.ModelProto, providers: Optional[Sequence[str]] = No
         )
     except Exception as exc:  # onnxruntime raises its own exception classes
         raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str], frozenset[str]]:
@@ -237,55 +224,6 @@ def find_image_input(model: onnx.ModelProto, layout: Optional[str] = None) -> In
     return InputSpec(value.name, layout, int(c), h, w, batch, np.dtype(dtype).name)
 
 
-def check_input_size(spec: InputSpec, where: str) -> None:
-    """Refuse declared input sizes no image classifier has, before any array of that size is made."""
-    image = spec.channels * (spec.height or 1) * (spec.width or 1)
-    checks = (("a height of {} pixels", spec.height, MAX_SIDE), ("a width of {} pixels", spec.width, MAX_SIDE),
-              ("{} channels", spec.channels, MAX_CHANNELS), ("{} values per image", image, MAX_IMAGE_VALUES),
-              ("{} values per run of its fixed batch", (spec.batch or 1) * image, MAX_BATCH_VALUES))
-    for what, value, limit in checks:
-        if value and value > limit:
-            raise UnsupportedModelError(
-                f"{where}: input {spec.describe()} declares {what.format(value)}, more than the {limit} anp-onnx "
-                "accepts; refused before anything of that size is allocated")
-
-
-def non_finite_weights(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """``(name, "NaN" | "infinite")`` for each float initializer or Constant holding NaN, or holding an
-    infinity where a weight op (Conv, Gemm, MatMul, the normalisations) reads it; -inf as a fill value
-    elsewhere (a Max, a mask) is legitimate."""
-    weights = {i for n in model.graph.node if n.op_type in _WEIGHT_OPS for i in n.input}
-    tensors = [(t.name, t) for t in model.graph.initializer]
-    tensors += [(n.output[0], a.t) for n in model.graph.node if n.op_type == "Constant" and n.output
-                for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
-    bad = []
-    for name, tensor in tensors:
-        if tensor.data_type not in _FLOAT_TYPES:
-            continue
-        try:
-            values = onnx.numpy_helper.to_array(tensor)
-        except Exception as exc:  # raw data of the wrong length and other damage
-            raise ModelError(f"tensor {name} cannot be read ({_first_line(exc)})") from exc
-        values = values.astype(np.float32, copy=False) if values.dtype.kind != "f" else values
-        if np.isnan(values).any():
-            bad.append((name, "NaN"))
-        elif name in weights and np.isinf(values).any():
-            bad.append((name, "infinite"))
-    return bad
-
-
-def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
-    try:
-        bad = non_finite_weights(proto)
-    except ModelError as exc:
-        raise ModelError(f"{path}: {exc}") from exc
-    if bad:
-        shown = ", ".join(f"{name} ({kind})" for name, kind in bad[:3])
-        shown += f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise ModelError(f"{path}: weights hold NaN or infinite values: {shown}; the file is damaged or its "
-                         "training diverged, and such a model can be neither evaluated nor repaired")
-
-
 def _check_not_quantized(model: onnx.ModelProto) -> None:
     quant = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
     if quant:
@@ -331,7 +269,7 @@ def load_model(path: os.PathLike | str, layout: Optional[str] = None) -> LoadedM
     newer = proto.ir_version > onnx.IR_VERSION
     if not newer:  # the checker refuses IR versions newer than itself: check the runnable copy then
         _check(proto, path)
-    _check_finite(proto, path)
+    check_finite(proto, path)
     loaded = from_proto(proto, path=path, layout=layout, external=external, external_files=files)
     if newer:
         _check(loaded.runnable, path)
@@ -353,6 +291,7 @@ def from_proto(
     _check_not_quantized(proto)
     spec = find_image_input(proto, layout)
     check_input_size(spec, str(path or "the model"))
+    check_attributes(proto, str(path or "the model"))  # before onnx's shape inference or onnxruntime read them
     run, notes = runnable_copy(proto)
     try:
         run = onnx.shape_inference.infer_shapes(run)

@@ -795,3 +795,44 @@ def test_external_data_outside_the_folder_by_path_is_not_read(tmp_path: Path, ca
     (model_dir / "model.onnx").write_bytes(written.SerializeToString())
     line = _one_line_error(capsys, main(["inspect", str(model_dir / "model.onnx")]), "outside the model's folder")
     assert "weights.bin" in line
+
+
+# ----------------------------------------------------------------------------- 14. numbers that crash native libraries
+
+
+@pytest.mark.parametrize("op, attribute, values", [
+    ("Conv", "strides", [0, 0]),        # onnx's shape inference: SIGFPE
+    ("Conv", "pads", [-1, -1, -1, -1]),  # onnxruntime: the process died
+    ("Conv", "group", 0),
+    ("MaxPool", "strides", [0, 0]),     # onnx's shape inference: SIGFPE
+], ids=["conv_stride_0", "conv_negative_pads", "conv_group_0", "maxpool_stride_0"])
+def test_window_attributes_that_crash_native_libraries_are_refused(tmp_path, op, attribute, values) -> None:
+    """Run in a child process: before the fix the process died of a signal, which no test could catch."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    proto = onnx.load(str(tiny_model(tmp_path / "plain.onnx", seed=3)))
+    if op == "MaxPool":
+        relu = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Relu")
+        node = proto.graph.node[relu]
+        pooled = onnx.helper.make_node("MaxPool", [node.output[0]], ["pooled"], kernel_shape=[1, 1], strides=[1, 1])
+        for later in proto.graph.node[relu + 1:]:
+            later.input[:] = ["pooled" if i == node.output[0] else i for i in later.input]
+        proto.graph.node.insert(relu + 1, pooled)
+    target = next(n for n in proto.graph.node if n.op_type == op)
+    attr = next(a for a in target.attribute if a.name == attribute)
+    if isinstance(values, list):
+        attr.ints[:] = values
+    else:
+        attr.i = values
+    path = tmp_path / "damaged.onnx"
+    onnx.save_model(proto, str(path))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "anp_onnx", "inspect", str(path)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.splitlines() == [done.stderr.splitlines()[0]] and attribute in done.stderr
+    assert str(path) in done.stderr and "Traceback" not in done.stderr
