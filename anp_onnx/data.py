@@ -256,13 +256,16 @@ def load_images(
         raise DataError(f"the model takes {channels!r}-channel images; images convert only to 1, 3 or 4")
     if not p.exists():
         raise DataError(f"data path {p} does not exist; expected a folder of class sub-folders or .npz")
-    if p.is_dir():
-        images = _load_folder(p, size, channels, limit)
-    elif p.suffix.lower() == ".npz":
-        x, y, names = load_npz(p, limit)
-        images = ImageSet(_resize(_convert_channels(x, channels, str(p)), size), y, names, str(p))
-    else:
-        raise DataError(f"{p} is neither a folder nor an .npz file; expected class sub-folders or .npz")
+    try:
+        if p.is_dir():
+            images = _load_folder(p, size, channels, limit)
+        elif p.suffix.lower() == ".npz":
+            x, y, names = load_npz(p, limit)
+            images = ImageSet(_resize(_convert_channels(x, channels, str(p)), size), y, names, str(p))
+        else:
+            raise DataError(f"{p} is neither a folder nor an .npz file; expected class sub-folders or .npz")
+    except MemoryError:
+        raise DataError(f"not enough memory to load the images of {p}; use fewer images") from None
     if images.y.min() < 0:
         raise DataError(f"labels in {p} include negative values ({images.y.min()}); expected 0 or more")
     if num_classes is not None and images.y.max() >= num_classes:

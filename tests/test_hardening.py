@@ -666,6 +666,16 @@ def test_masks_document_keys_do_not_pose_as_layer_facts(files, out_dir, capsys, 
                  "--out", str(out_dir / "p.onnx")]) == 0, capsys.readouterr()
 
 
+def test_out_of_memory_while_loading_images_is_one_line(files, capsys, monkeypatch) -> None:
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr("anp_onnx.data.load_npz", exhausted)
+    line = _one_line_error(capsys, main(["evaluate", str(files["model"]), "--data", str(files["test"])]),
+                           str(files["test"]))
+    assert "not enough memory" in line
+
+
 def _mismatched_gemm_model(path: Path, output_dims: list) -> Path:
     """Valid to onnx.checker, but its Gemm reads 5 features where the pooled input has 3: it cannot run."""
     import onnx
