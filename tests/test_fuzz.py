@@ -13,8 +13,9 @@ The normal suite runs a short, deterministic pass (about 200 inputs in all, seco
 
 ``ANP_ONNX_FUZZ_EXAMPLES`` makes the run random (a new seed each time) instead of deterministic;
 ``ANP_ONNX_FUZZ_REPORT=FILE`` writes how many inputs each target tried and how they ended;
-``ANP_ONNX_FUZZ_LAST=FOLDER`` writes each input there before it is read, so that an input that kills
-the process (a crash in a native library, which hypothesis cannot report) is left behind.
+``ANP_ONNX_FUZZ_LAST=FOLDER`` writes each model, .npz and masks input there before it is read, so
+that one that kills the process (a crash in a native library, which hypothesis cannot report) is
+left behind.
 """
 
 from __future__ import annotations
@@ -221,6 +222,30 @@ def _random_npz(draw) -> bytes:
     return buf.getvalue()
 
 
+@st.composite
+def _plausible_npz(draw) -> bytes:
+    """Close to a real image set: x (N, H, W, C) or (N, C, H, W), y of about N labels (deeper paths)."""
+    odd = draw(st.booleans())  # half of them break one rule or more, half are valid but for chance
+    n = draw(st.integers(0, 6) if odd else st.integers(1, 6))
+    h, w = (draw(st.integers(0, 10)), draw(st.integers(0, 10))) if odd else (draw(st.integers(1, 10)),) * 2
+    c = draw(st.sampled_from([0, 1, 2, 3, 4, 5] if odd else [1, 3, 4]))
+    shape = (n, h, w, c) if draw(st.booleans()) else (n, c, h, w)
+    dtype = draw(st.sampled_from(["uint8", "float32", "float16", "int16", "float64"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    scale = draw(st.sampled_from([1.0, 255.0, 300.0, -1.0] if odd else [1.0]))
+    with np.errstate(all="ignore"):
+        x = (rng.random(shape) * scale).astype(dtype)
+    count = max(0, n + draw(st.sampled_from([0, 1, -1]))) if odd else n
+    y = np.array(draw(st.lists(st.integers(-1, 12) if odd else st.integers(0, 2), min_size=count, max_size=count)),
+                 dtype=np.int64)
+    arrays = {"x": x, "y": y.astype(draw(st.sampled_from(["int64", "uint8", "float32"])))}
+    if draw(st.booleans()):
+        arrays["class_names"] = np.array([f"c{i}" for i in range(draw(st.integers(0, 12)))])
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
 def _valid_npz() -> bytes:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
@@ -258,8 +283,8 @@ _LOAD_ARGS = st.tuples(st.sampled_from([None, (8, 8), (5, 3)]), st.sampled_from(
 
 
 @_settings("npz")
-@given(data=st.one_of(st.binary(max_size=600), _damaged(_valid_npz()), _random_npz(), _lying_header(),
-                      _array().map(_npy_bytes)), args=_LOAD_ARGS)
+@given(data=st.one_of(st.binary(max_size=600), _damaged(_valid_npz()), _random_npz(), _plausible_npz(),
+                      _lying_header(), _array().map(_npy_bytes)), args=_LOAD_ARGS)
 def test_fuzz_npz_data(data: bytes, args) -> None:
     _keep("npz", data)
     size, channels, classes, limit = args
