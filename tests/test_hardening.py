@@ -492,7 +492,8 @@ def test_infinite_constant_that_the_model_handles_is_accepted(tmp_path) -> None:
         "fill", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
         [numpy_helper.from_array(np.array([-np.inf], np.float32), "lowest"),
-         numpy_helper.from_array(np.ones((3, 4), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+         numpy_helper.from_array(np.ones((3, 4), np.float32), "w"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b")])
     path = tmp_path / "fill.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     result = anp_onnx.evaluate_model(path, _images_npz(tmp_path, 8, 4))
@@ -515,7 +516,8 @@ def test_nan_outputs_of_the_model_are_refused_not_counted(tmp_path, capsys) -> N
          helper.make_node("Gemm", ["f", "w", "b"], ["g"]), helper.make_node("Log", ["g"], ["y"])],
         "nan_out", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
-        [numpy_helper.from_array(-np.ones((3, 4), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+        [numpy_helper.from_array(-np.ones((3, 4), np.float32), "w"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b")])
     path = tmp_path / "nan_out.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     line = _one_line_error(capsys, main(["evaluate", str(path), "--data", str(_images_npz(tmp_path, 8, 4))]), str(path))
@@ -604,7 +606,7 @@ def test_ctrl_c_while_the_library_loads_in_process(files, capsys, monkeypatch) -
     assert (out, err) == ("", "anp-onnx: interrupted; nothing was written\nFAILED: interrupted\n")
 
 
-# ----------------------------------------------------------------------------- 12. found by the fuzzer (tests/test_fuzz.py)
+# ---------------------------------------------------------------------- 12. found by the fuzzer (tests/test_fuzz.py)
 
 
 def _lying_npz(path: Path, shape: tuple) -> Path:
@@ -687,7 +689,8 @@ def _mismatched_gemm_model(path: Path, output_dims: list) -> Path:
          helper.make_node("Reshape", ["g", "s"], ["y"])],  # a shape inference cannot follow: classes unknown
         "mismatch", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_dims)],
-        [numpy_helper.from_array(np.ones((4, 5), np.float32), "w"), numpy_helper.from_array(np.zeros(4, np.float32), "b")])
+        [numpy_helper.from_array(np.ones((4, 5), np.float32), "w"),
+         numpy_helper.from_array(np.zeros(4, np.float32), "b")])
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
     return path
 
@@ -724,7 +727,7 @@ def test_image_larger_than_decodable_is_refused_from_its_header(files, out_dir, 
     assert "big.png" in line
 
 
-# ----------------------------------------------------------------------------- 13. Ctrl-C and hostile inputs, end to end
+# ---------------------------------------------------------------------- 13. Ctrl-C and hostile inputs, end to end
 
 
 def test_ctrl_c_while_the_outputs_are_moved_keeps_every_old_file(tmp_path: Path, monkeypatch) -> None:
