@@ -33,7 +33,7 @@ from .errors import SettingsError
 from .evaluate import EvalResult, evaluate
 from .export import PARITY_IMAGES, export, random_images
 from .finish import Evaluation, finish, refine, refinement_facts, repair_outputs, save_masks, stages_ran
-from .learn import learn_masks
+from .learn import check_classes, learn_masks
 from .masks_io import default_masks_path, file_sha256, load_masks, mask_values_path
 from .metadata import preprocessing_from_metadata, read_metadata
 from .model import LoadedModel, load_model
@@ -292,6 +292,7 @@ def repair(
     rep = Repairer(loaded, preprocessing=preprocessing, kinds=kinds, include=include, exclude=exclude)
     config = mask_stage_for(config).resolve(config)
     clean = data if isinstance(data, ImageSet) else rep.load_data(data)
+    check_classes(clean)  # before any work (the mask stage checks again, and warns about missing classes)
     test, poisoned = _as_images(rep, test_data), _as_images(rep, poisoned_data)
     forced = getattr(config, "target", None)
     if isinstance(forced, int) and rep.model.num_classes and forced >= rep.model.num_classes:

@@ -9,8 +9,9 @@ itself stays model-independent. Training augmentation is in :mod:`anp_onnx.augme
 file. In an ``.npz``, ``x`` (or ``images``) is uint8 ``(N, H, W, C)``, ``(N, H, W)`` or
 ``(N, C, H, W)`` (when axis 1 is 1/3/4 and the last axis is not), or float in [0, 1] ``(N, C, H, W)``
 or ``(N, H, W, C)`` (when the last axis is 1/3/4 and axis 1 is not); ``y`` (or ``labels``) is 1-D
-integer or one-hot 2-D; an optional ``class_names`` string array is read too. Every problem with
-the data raises :class:`~anp_onnx.errors.DataError`, bad option values :class:`SettingsError`.
+integer or one-hot 2-D; an optional ``class_names`` string array is read too (by
+:mod:`anp_onnx.npz_io`, which checks each array's size before reading it). Every problem with the
+data raises :class:`~anp_onnx.errors.DataError`, bad option values :class:`SettingsError`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import math
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,11 +28,14 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError, SettingsError
+from .npz_io import load_npz
 
 _LOGGER = logging.getLogger(__name__)
 _RESIZE_CHUNK_BYTES = 64 * 1024 * 1024
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _LUMA = (0.299, 0.587, 0.114)
+#: Largest image file decoded (pixels; 8192 x 8192), checked from its header before decoding.
+MAX_IMAGE_PIXELS = 2**26
 @dataclass(frozen=True, eq=False)
 class ImageSet:
     """Labelled images: ``x`` float32 ``(N, C, H, W)`` in ``[0, 1]``, ``y`` int64 ``(N,)``.
@@ -51,6 +54,8 @@ class ImageSet:
         where = self.source or "image set"
         if x.ndim != 4:
             raise DataError(f"{where}: images must be (N, C, H, W), got shape {x.shape}")
+        if 0 in x.shape[1:]:
+            raise DataError(f"{where}: images of shape {x.shape} have zero channels, height or width")
         if y.ndim != 1 or len(y) != len(x) or (y.size and not np.issubdtype(y.dtype, np.integer)):
             raise DataError(f"{where}: labels must be {len(x)} integers, got {y.dtype} shape {y.shape}")
         object.__setattr__(self, "x", x.astype(np.float32, copy=False))
@@ -151,81 +156,42 @@ def _folder_files(root: Path) -> tuple[list[tuple[int, Path]], tuple[str, ...] |
 
 def _decode(path: Path, channels: int) -> np.ndarray:
     try:
+        if path.stat().st_size == 0:
+            raise DataError(f"image file {path} is empty (0 bytes); expected a readable image file")
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # the header's size, before decoding
+                raise DataError(f"image {path} is {im.width}x{im.height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                                "anp-onnx decodes")
             arr = np.asarray(im.convert(_PIL_MODES[channels]), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path}: {exc}; expected a readable image file") from None
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise many kinds on damaged files
+        text = str(exc).strip().splitlines()
+        raise DataError(f"cannot decode image {path}: {text[0] if text else type(exc).__name__}; "
+                        "expected a readable image file") from None
+    if arr.size == 0:
+        raise DataError(f"image {path} has zero width or height ({arr.shape[1]}x{arr.shape[0]} pixels)")
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def _load_folder(root: Path, size: tuple[int, int] | None, channels: int, limit: int | None) -> ImageSet:
+    """Images decoded and resized one at a time: memory holds the result and one decoded file."""
     files, names = _folder_files(root)
     files = files[:limit]
-    arrays = [_decode(p, channels) for _, p in files]
-    shapes = {a.shape[:2] for a in arrays}
-    if size is None and len(shapes) > 1:
-        odd = next(i for i, a in enumerate(arrays) if a.shape != arrays[0].shape)
-        (h0, w0), (h1, w1) = arrays[0].shape[:2], arrays[odd].shape[:2]
-        raise DataError(
-            f"images in {root} differ in size ({files[odd][1]} is {h1}x{w1}, the first is {h0}x{w0}); "
-            "give an image size to resize them"
-        )
-    x = np.empty((len(arrays), channels, *(size or arrays[0].shape[:2])), dtype=np.float32)
-    for shape in shapes:  # resize each group of same-sized images together
-        idx = [i for i, a in enumerate(arrays) if a.shape[:2] == shape]
-        batch = np.stack([arrays[i] for i in idx]).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-        x[idx] = _resize(batch, size)
-    return ImageSet(x, np.asarray([label for label, _ in files], dtype=np.int64), names, str(root))
-
-
-def _load_npz(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray, tuple[str, ...] | None]:
-    """Images (N, C, H, W) float32 in [0, 1], labels and class names from an .npz file."""
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # an .npy (one array) named .npz
-            raise DataError(f"{path} holds one array, not an .npz archive of 'x' (images) and 'y' (labels)")
-        with loaded as npz:
-            keys = list(npz.keys())
-            xk = next((k for k in ("x", "images") if k in npz), None)
-            yk = next((k for k in ("y", "labels") if k in npz), None)
-            if xk is None or yk is None:
-                found = f"has arrays {keys}" if keys else "contains no arrays"
-                raise DataError(f"{path} {found} but needs 'x' (or 'images') and 'y' (or 'labels')")
-            x, y = npz[xk], npz[yk]
-            names = tuple(str(n) for n in npz["class_names"]) if "class_names" in npz else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"cannot read {path} as .npz: {exc}") from None
-    if y.ndim == 2:
-        y = y[:, 0] if y.shape[1] == 1 else y.argmax(axis=1)
-    if y.ndim != 1 or not (y.dtype.kind in "iu" or (y.dtype.kind == "f" and np.all(y == np.round(y)))):
-        raise DataError(f"labels in {path} must be 1-D integers (or one-hot 2-D), got {y.dtype} {y.shape}")
-    x = x[:, :, :, None] if x.ndim == 3 else x
-    if x.ndim != 4:
-        raise DataError(f"images in {path} must be (N, H, W, C), (N, C, H, W) or (N, H, W), got {x.shape}")
-    if len(x) != len(y):
-        raise DataError(f"{path} has {len(x)} images and {len(y)} labels; expected one label per image")
-    if len(x) == 0:
-        raise DataError(f"{path} contains no images")
-    x, y = x[:limit], y[:limit]
-    c_first, c_last = x.shape[1] in (1, 3, 4), x.shape[-1] in (1, 3, 4)
-    if x.dtype.kind in "iu":
-        if x.dtype != np.uint8 and (x.min() < 0 or x.max() > 255):
-            raise DataError(f"integer images in {path} must be in 0..255, got {x.min()}..{x.max()}")
-        nchw = c_first and not c_last
-        x = x.astype(np.float32)
-        x /= 255.0
-    elif x.dtype.kind == "f":
-        lo, hi = float(np.min(x)), float(np.max(x))
-        if not (-0.01 <= lo and hi <= 1.01):  # also catches NaN
+    x: np.ndarray | None = None
+    for i, (_, path) in enumerate(files):
+        image = _decode(path, channels)
+        if x is None:
+            first = (path, image.shape[:2])
+            x = np.empty((len(files), channels, *(size or image.shape[:2])), dtype=np.float32)
+        elif size is None and image.shape[:2] != first[1]:
+            (h0, w0), (h1, w1) = first[1], image.shape[:2]
             raise DataError(
-                f"float images in {path} range {lo:g}..{hi:g} but floats must be in [0,1] "
-                "(or store uint8 0..255; mean/std belong in the preprocessing setting)"
+                f"images in {root} differ in size ({path} is {h1}x{w1}, the first is {h0}x{w0}); "
+                "give an image size to resize them"
             )
-        nchw = not (c_last and not c_first)
-        x = np.clip(x.astype(np.float32), 0.0, 1.0)
-    else:
-        raise DataError(f"images in {path} have dtype {x.dtype}; expected uint8 or float")
-    return np.ascontiguousarray(x if nchw else x.transpose(0, 3, 1, 2)), y.astype(np.int64), names
+        x[i] = _resize(image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0, size)[0]
+    return ImageSet(x, np.asarray([label for label, _ in files], dtype=np.int64), names, str(root))
 
 
 def _convert_channels(x: np.ndarray, channels: int, source: str) -> np.ndarray:
@@ -290,13 +256,16 @@ def load_images(
         raise DataError(f"the model takes {channels!r}-channel images; images convert only to 1, 3 or 4")
     if not p.exists():
         raise DataError(f"data path {p} does not exist; expected a folder of class sub-folders or .npz")
-    if p.is_dir():
-        images = _load_folder(p, size, channels, limit)
-    elif p.suffix.lower() == ".npz":
-        x, y, names = _load_npz(p, limit)
-        images = ImageSet(_resize(_convert_channels(x, channels, str(p)), size), y, names, str(p))
-    else:
-        raise DataError(f"{p} is neither a folder nor an .npz file; expected class sub-folders or .npz")
+    try:
+        if p.is_dir():
+            images = _load_folder(p, size, channels, limit)
+        elif p.suffix.lower() == ".npz":
+            x, y, names = load_npz(p, limit)
+            images = ImageSet(_resize(_convert_channels(x, channels, str(p)), size), y, names, str(p))
+        else:
+            raise DataError(f"{p} is neither a folder nor an .npz file; expected class sub-folders or .npz")
+    except MemoryError:
+        raise DataError(f"not enough memory to load the images of {p}; use fewer images") from None
     if images.y.min() < 0:
         raise DataError(f"labels in {p} include negative values ({images.y.min()}); expected 0 or more")
     if num_classes is not None and images.y.max() >= num_classes:

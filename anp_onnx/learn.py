@@ -1,5 +1,11 @@
 """The mask part of the pipeline: calibrate -> probe -> the chosen mask stage.
 
+The clean data must hold at least two classes (:func:`check_classes`): ANP's mask loss is the
+cross-entropy against the images' labels, and with one label a network that answers that class
+for everything (what a backdoored network does under noise when the label is its target) scores
+best; the pruning curve could not see accuracy lost on the other classes either. So one class is
+refused, not warned about; fewer classes than the model has are logged as a warning.
+
 :func:`learn_masks` prepares the perturbable neurons (masks 1, no noise), calibrates renormalised
 neurons on the clean data (:mod:`anp_onnx.calibrate`), runs the collapse probe when the stage
 wants it (:mod:`anp_onnx.collapse`), and hands over to the mask stage that the settings' type
@@ -21,7 +27,7 @@ from .calibrate import calibrate, clear_centres, current_centres
 from .collapse import find_target
 from .context import RepairContext
 from .data import ImageSet
-from .errors import SettingsError
+from .errors import DataError, SettingsError
 from .progress import CancelToken, ProgressCallback, check
 from .stages import mask_stage_for
 
@@ -37,6 +43,7 @@ def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: O
     """
     if len(clean) < 2:
         raise SettingsError("ANP needs at least 2 clean images")
+    check_classes(clean, ctx.model.num_classes)
     stage = mask_stage_for(config)
     config = stage.resolve(config)
     device = getattr(config, "device", "cpu")
@@ -66,3 +73,15 @@ def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: O
     result.target, result.probe, result.stage = target, probe, stage.name
     result.centres = current_centres(ctx.modules)
     return result
+
+
+def check_classes(clean: ImageSet, num_classes: Optional[int] = None) -> None:
+    """DataError when ``clean`` holds one class only; a warning when it misses some of ``num_classes``."""
+    classes = np.unique(clean.y)
+    where = clean.source or "the clean data"
+    if len(classes) == 1:
+        raise DataError(f"{where} holds images of only class {int(classes[0])}; "
+                        "ANP learns from the labels of clean images of at least 2 classes (ideally all the model's)")
+    if num_classes and len(classes) < num_classes:
+        _LOGGER.warning("%s holds images of %d of the model's %d classes; ANP is most reliable with every class",
+                        where, len(classes), num_classes)

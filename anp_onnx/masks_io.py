@@ -105,9 +105,12 @@ def load_masks(path: os.PathLike | str) -> tuple[dict[str, np.ndarray], dict[str
             centres = {layer["name"]: (_values(layer, "centre", len(masks[layer["name"]])),
                                        _values(layer, "spread", len(masks[layer["name"]])))
                        for layer in doc["layers"] if "centre" in layer}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except RecursionError:
+            raise DataError(f"{path} is not an anp-onnx masks file (nested too deeply)") from None
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise DataError(f"{path} is not an anp-onnx masks file ({exc})") from exc
-        facts = {k: v for k, v in doc.items() if k != "layers"}
+        # the facts read from the layers replace the document's own keys of those names
+        facts = {k: v for k, v in doc.items() if k not in ("layers", "mean_masks", "centres")}
         if means:
             facts["mean_masks"] = means
         if centres:

@@ -21,6 +21,8 @@ from onnx import TensorProto, helper
 from onnx.external_data_helper import uses_external_data
 
 from .errors import ModelError, UnsupportedModelError
+from .model_checks import FLOAT_TYPES as _FLOAT_TYPES
+from .model_checks import check_attributes, check_finite, check_input_size, first_line as _first_line
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ _QUANTIZED_OPS = {
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearAveragePool",
     "QLinearGlobalAveragePool", "QLinearSigmoid", "QLinearConcat",
 }
-_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 LAYOUTS = ("NCHW", "NHWC")
 
 
@@ -116,11 +117,6 @@ def make_session(model: onnx.ModelProto, providers: Optional[Sequence[str]] = No
         raise ModelError(f"onnxruntime cannot run the model: {_first_line(exc)}") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str], frozenset[str]]:
     """Read an ONNX file with its external data.
 
@@ -139,9 +135,11 @@ def read_onnx(path: os.PathLike | str) -> tuple[onnx.ModelProto, frozenset[str],
         raise ModelError(f"{path} is not an ONNX model (no graph found)")
     external_tensors = [t for t in _all_tensors(model) if uses_external_data(t)]
     external = frozenset(t.name for t in external_tensors)
-    files = frozenset(
-        str((path.parent / e.value).resolve()) for t in external_tensors for e in t.external_data if e.key == "location"
-    )
+    locations = {e.value for t in external_tensors for e in t.external_data if e.key == "location"}
+    try:
+        files = frozenset(str((path.parent / location).resolve()) for location in locations)
+    except (ValueError, OSError) as exc:  # a NUL byte, a name too long, a symbolic-link loop
+        raise ModelError(f"{path}: an external data location is not a usable path ({_first_line(exc)})") from exc
     folder = path.parent.resolve()
     outside = sorted(f for f in files if not Path(f).is_relative_to(folder))
     if outside:
@@ -252,7 +250,13 @@ def _num_classes(run: onnx.ModelProto, spec: InputSpec) -> tuple[str, int]:
 def _probe_classes(run: onnx.ModelProto, spec: InputSpec) -> int:
     h, w = spec.height or 32, spec.width or 32
     shape = (spec.batch or 1,) + ((spec.channels, h, w) if spec.layout == "NCHW" else (h, w, spec.channels))
-    out = make_session(run).run(None, {spec.name: np.zeros(shape, dtype=spec.dtype)})[0]
+    try:
+        out = make_session(run).run(None, {spec.name: np.zeros(shape, dtype=spec.dtype)})[0]
+    except ModelError:
+        raise
+    except Exception as exc:  # onnxruntime's own exception classes: the graph does not run at that size
+        raise ModelError(f"onnxruntime cannot run the model on a blank {'x'.join(map(str, shape))} input to count "
+                         f"its classes: {_first_line(exc)}") from exc
     if out.ndim < 2 or int(np.prod(out.shape[1:])) != out.shape[-1]:
         raise UnsupportedModelError(f"first output has shape {list(out.shape)}: not a classifier's logits")
     return int(out.shape[-1])
@@ -265,6 +269,7 @@ def load_model(path: os.PathLike | str, layout: Optional[str] = None) -> LoadedM
     newer = proto.ir_version > onnx.IR_VERSION
     if not newer:  # the checker refuses IR versions newer than itself: check the runnable copy then
         _check(proto, path)
+    check_finite(proto, path)
     loaded = from_proto(proto, path=path, layout=layout, external=external, external_files=files)
     if newer:
         _check(loaded.runnable, path)
@@ -285,6 +290,8 @@ def from_proto(
     """Describe an in-memory model (see :func:`load_model`)."""
     _check_not_quantized(proto)
     spec = find_image_input(proto, layout)
+    check_input_size(spec, str(path or "the model"))
+    check_attributes(proto, str(path or "the model"))  # before onnx's shape inference or onnxruntime read them
     run, notes = runnable_copy(proto)
     try:
         run = onnx.shape_inference.infer_shapes(run)

@@ -1,13 +1,15 @@
 """Converters for ONNX opset 16-21 op versions that onnx2torch 1.5.15 lacks.
 
-Registered in onnx2torch's own registry (``add_converter``), not a fork. Four groups:
+Registered in onnx2torch's own registry (``add_converter``), not a fork. Four groups here, and the
+raw ops of the dynamo exporter's unoptimised output in :mod:`anp_onnx.onnx2torch_dynamo`:
 
 * versions whose changes only widen the accepted types (or add an attribute a float model does not
   use): the existing converter of the latest older version is registered for them too;
 * ``Reduce*-18`` (axes moved from an attribute to an optional input): axes must be a constant;
-* ``Pad-18/19/21``, ``Split-18``, ``Resize-18/19``, ``AveragePool-19``: the older converter, when
-  the node does not use what the new version added (the ``axes`` input of Pad, ``wrap`` mode,
-  ``num_outputs``, antialiasing, dilations); otherwise a clear NotImplementedError;
+* ``Pad-18/19/21``, ``Resize-18/19``, ``AveragePool-19``: the older converter, when the node does
+  not use what the new version added (the ``axes`` input of Pad, ``wrap`` mode, antialiasing,
+  dilations); otherwise a clear NotImplementedError (``Split-18``: the older converter, or pieces of
+  ``num_outputs``, see :mod:`anp_onnx.onnx2torch_dynamo`);
 * ``GroupNormalization-18/21``, which onnx2torch has no converter for at all (see
   :func:`_group_norm_converter`). onnx's shape inference (1.17) gives GroupNormalization's output no
   type, so every value after it would lack the shape that several onnx2torch converters read
@@ -27,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConversionError
+from .onnx2torch_dynamo import register as register_dynamo_ops
+from .onnx2torch_dynamo import split18
 from .shapes import complete_group_norm_shapes
 
 _TYPES_ONLY = {
@@ -66,13 +70,14 @@ def register(o2t: Any) -> None:
         for v in versions:
             add(op, v, _reduce_converter(o2t))
     _guarded(add, latest, "Pad", (18, 19, 21), _pad_ok)
-    _guarded(add, latest, "Split", (18,), lambda n: None if "num_outputs" not in n.attributes
-             else "Split with num_outputs")
+    if latest("Split", 18) is not None:
+        add("Split", 18, split18(latest("Split", 18)))
     _guarded(add, latest, "Resize", (18, 19), _resize_ok)
     _guarded(add, latest, "AveragePool", (19,), lambda n: None if all(d == 1 for d in n.attributes.get("dilations", [1]))
              else "AveragePool with dilations")
     add("GroupNormalization", 18, _group_norm_converter(per_channel=False))
     add("GroupNormalization", 21, _group_norm_converter(per_channel=True))
+    register_dynamo_ops(o2t, add)
     _wrap_shape_inference(importlib.import_module(f"{o2t.__name__}.converter"))
     _registered = True
 

@@ -198,19 +198,20 @@ class OutputSet:
         moved: list[tuple[Path, Optional[Path]]] = []
         try:
             for path, tmp in staged.items():
-                backup = None
-                if path.exists() or path.is_symlink():
-                    backup = self.temp(path).with_name(f".old.{path.name}")
+                backup = self.temp(path).with_name(f".old.{path.name}") if path.exists() or path.is_symlink() else None
+                moved.append((path, backup))  # before the move: an interrupt may come just after it
+                if backup is not None:
                     os.replace(path, backup)
-                moved.append((path, backup))
                 if tmp is not None:
                     os.replace(tmp, path)
-        except OSError as exc:
+        except BaseException as exc:  # also Ctrl-C between two moves: the old files sit in the temporaries
             for path, backup in reversed(moved):
                 if staged[path] is not None and not staged[path].exists():  # ours was moved there: take it back
                     path.unlink(missing_ok=True)
-                if backup is not None:
+                if backup is not None and (backup.exists() or backup.is_symlink()):
                     os.replace(backup, path)
+            if not isinstance(exc, OSError):
+                raise
             raise OutputError(f"cannot move the outputs into place ({exc.strerror or exc}); nothing was "
                               "written") from exc
         return [path for path, tmp in staged.items() if tmp is not None]

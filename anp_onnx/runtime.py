@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
+from .errors import ModelError
 from .model import LoadedModel
 
 if TYPE_CHECKING:
@@ -21,8 +22,29 @@ PARITY_RTOL = 1e-3
 
 
 def ort_logits(model: LoadedModel, x: np.ndarray, session: Optional[Any] = None) -> np.ndarray:
-    """Logits from onnxruntime for already-preprocessed inputs in the model's layout."""
-    session = session or model.session()
+    """Logits from onnxruntime for already-preprocessed inputs in the model's layout.
+
+    :class:`ModelError` when any is NaN or infinite (the inputs are finite: the model is at fault),
+    so that no NaN is ever scored as a prediction or compared as a conversion difference.
+    """
+    logits = _run(model, x, session or model.session())
+    bad = ~np.isfinite(logits).all(axis=1) if logits.size else np.zeros(0, bool)
+    if bad.any():
+        raise ModelError(f"{model.path or 'the model'}: onnxruntime gives NaN or infinite outputs for "
+                         f"{int(bad.sum())} of {len(logits)} images; the model itself is broken")
+    return logits
+
+
+def _run(model: LoadedModel, x: np.ndarray, session: Any) -> np.ndarray:
+    try:
+        return _run_batches(model, x, session)
+    except Exception as exc:  # onnxruntime's own exception classes (a graph that fails on these inputs)
+        text = str(exc).strip().splitlines()
+        raise ModelError(f"{model.path or 'the model'}: onnxruntime fails to run the model on "
+                         f"{len(x)} images: {text[0] if text else type(exc).__name__}") from exc
+
+
+def _run_batches(model: LoadedModel, x: np.ndarray, session: Any) -> np.ndarray:
     batch = model.input.batch
     if batch is None:
         out = session.run([model.output_name], {model.input.name: x.astype(model.input.dtype)})[0]

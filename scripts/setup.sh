@@ -22,7 +22,7 @@ else
     pip install -c constraints.txt torch
 fi
 pip install -c constraints.txt onnx onnxruntime-training numpy protobuf pillow tqdm matplotlib \
-    PySide6-Essentials pytest pytest-qt
+    PySide6-Essentials pytest pytest-qt hypothesis
 # onnx2torch declares torchvision, which has no CPU build on the registry: install it without
 # dependencies (anp_onnx imports it with a torchvision stand-in when needed), and this package too.
 pip install --no-deps -c constraints.txt onnx2torch

@@ -169,3 +169,15 @@ def test_the_gui_reads_only_public_names():
     for path in sorted((ROOT / "gui").rglob("*.py")):
         used = set(re.findall(r"\banp_onnx\.([A-Za-z_]\w*)", path.read_text(encoding="utf-8")))
         assert used <= public, f"{path.relative_to(ROOT)} uses non-public anp_onnx.{sorted(used - public)}"
+
+
+def test_the_robustness_table_names_only_tests_that_exist():
+    """docs/ROBUSTNESS.md names the test that shows each behaviour: each must exist."""
+    import re
+
+    doc = (ROOT / "docs" / "ROBUSTNESS.md").read_text(encoding="utf-8")
+    named = sorted(set(re.findall(r"`(test_\w+\.py)::(test_\w+)`", doc)))
+    assert len(named) > 50
+    missing = [f"{file}::{test}" for file, test in named
+               if not re.search(rf"^def {test}\(", (ROOT / "tests" / file).read_text(encoding="utf-8"), re.M)]
+    assert not missing, f"docs/ROBUSTNESS.md names tests that do not exist: {missing}"

@@ -5,72 +5,43 @@ so it is tested directly. Errors caused by the user's input print one line witho
 Every command ends with one ``PASSED: ...`` or ``FAILED: ...`` line on stdout (on stderr with
 ``--json``, so that stdout stays pure JSON); usage errors end with argparse's one line only.
 
-Layout: :mod:`.options` (option groups, the builders of ``ANPConfig``/``PruneSpec``), :mod:`.render`
-(tables, progress bars, the final line) and one module per command, each with ``add_parser`` and
-``run``. The commands call only the public ``anp_onnx`` API.
+This module imports nothing heavy: :func:`main` loads the commands (and with them the library and
+torch, seconds of start-up) inside its Ctrl-C guard, so an interrupt at any moment, start-up
+included, ends with one line and exit code 130, never a traceback.
+
+Layout: :mod:`.commands` (the parser and the dispatch), :mod:`.options` (option groups, the
+builders of ``ANPConfig``/``PruneSpec``), :mod:`.render` (tables, progress bars, the final line)
+and one module per command, each with ``add_parser`` and ``run``. The commands call only the
+public ``anp_onnx`` API.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import importlib
 import sys
-from typing import Optional, Sequence
-
-from .. import AnpOnnxError, __version__
-from . import evaluate, inspect, prune, render, repair
-from .options import PROG, Cancelled, Parser, _config, _spec
+from typing import Any, Optional, Sequence
 
 __all__ = ["main", "build_parser", "PROG", "COMMANDS", "_config", "_spec"]
 
-_LOGGER = logging.getLogger("anp_onnx")
-#: The commands' modules by name, in the order of ``--help``.
-COMMANDS = {m.NAME: m for m in (inspect, repair, prune, evaluate)}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog=PROG, description="Remove backdoors from ONNX image classifiers with "
-                                           "Adversarial Neuron Pruning (ANP).")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="more log output")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for command in COMMANDS.values():
-        command.add_parser(sub)
-    return parser
+PROG = "anp-onnx"
+INTERRUPTED = 130
+_LAZY = {"build_parser", "COMMANDS", "_config", "_spec"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default: sys.argv[1:]); return the exit code."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help / --version exit 0, usage errors 1
-        return int(exc.code or 0)
-    if args.command is None:
-        parser.print_help()
-        return 1
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    _LOGGER.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
-    command = COMMANDS[args.command]
+        from .commands import run  # the library and torch: Ctrl-C here is guarded too
 
-    def failed(why: str = "") -> None:
-        render.failed(command.attempted(args) + why, json_output=getattr(args, "json", False))
-
-    try:
-        return command.run(args)
-    except Cancelled:
-        print(f"{PROG}: cancelled; nothing was written", file=sys.stderr)
-        failed(" (cancelled)")
-        return 1
-    except AnpOnnxError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        failed()
-        return 1
-    except KeyboardInterrupt:
+        return run(argv)
+    except KeyboardInterrupt:  # before a command started (while importing or parsing): nothing written yet
+        json_output = "--json" in (sys.argv[1:] if argv is None else list(argv))
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
-        failed(" (interrupted)")
-        return 130
-    except Exception:  # a bug, not the user's input: its traceback follows, stdout still ends with FAILED
-        failed()
-        raise
+        print("FAILED: interrupted", file=sys.stderr if json_output else sys.stdout)
+        return INTERRUPTED
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(".commands", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

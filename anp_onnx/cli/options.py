@@ -14,11 +14,12 @@ from .. import (
     REFERENCE_THRESHOLD, ANPConfig, AnpOnnxError, Cancelled, Preprocessing, PruneSpec,
 )
 
+from . import PROG
+
 __all__ = ["PROG", "REFERENCE_THRESHOLD", "DEFAULT_HOLDOUT", "Cancelled", "Parser", "model_options",
            "neuron_options", "pruning_options", "renormalise_option", "anp_options", "holdout", "_spec",
            "_config"]
 
-PROG = "anp-onnx"
 
 
 class Parser(argparse.ArgumentParser):
