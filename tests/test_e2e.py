@@ -12,7 +12,8 @@ from builders import add_trigger, synthetic_images, train_backdoored
 pytestmark = pytest.mark.slow
 
 
-def test_planted_backdoor_is_removed(tmp_path):
+@pytest.mark.parametrize("refinements", [(), ("unlearn",)], ids=["pruning-only", "default"])
+def test_planted_backdoor_is_removed(tmp_path, refinements):
     model = train_backdoored(tmp_path / "backdoored.onnx", target=0)
     clean = synthetic_images(300, seed=3)          # the defender's small clean set
     test = synthetic_images(1000, seed=2)
@@ -23,14 +24,17 @@ def test_planted_backdoor_is_removed(tmp_path):
     result = anp_onnx.repair(
         model, tmp_path / "clean.npz", out=tmp_path / "repaired.onnx",
         config=anp_onnx.ANPConfig(iterations=300, batch_size=64, seed=0),
-        test_data=tmp_path / "test.npz", poisoned_data=tmp_path / "triggered.npz",
+        test_data=tmp_path / "test.npz", poisoned_data=tmp_path / "triggered.npz", refinements=refinements,
     )
     before, after = result.before, result.after
     assert before.target == 0 and before.target_inferred
     assert before.asr > 0.95 and before.accuracy > 0.9           # the backdoor works
     assert after.asr < 0.5 * before.asr                          # ... and is mostly gone
     assert after.accuracy > before.accuracy - 0.05               # clean accuracy stays close
-    assert 0 < result.plan.count < 0.25 * result.plan.total
+    if refinements and not result.curve.signal_gone:  # the budget fallback prunes nothing before unlearning
+        assert result.plan.count == 0 and result.refinements["unlearn"]["initializers"] > 0
+    else:
+        assert 0 < result.plan.count < 0.25 * result.plan.total
 
     # the same figures from the written file, through the evaluate API
     again = anp_onnx.evaluate_model(result.output, tmp_path / "test.npz",
@@ -38,6 +42,9 @@ def test_planted_backdoor_is_removed(tmp_path):
     assert again.asr == pytest.approx(after.asr) and again.accuracy == pytest.approx(after.accuracy)
     # the collapse probe named the planted target from clean images only; the loop was targeted
     assert result.optimisation.target == 0 and result.optimisation.probe.suspected_target == 0
+    assert np.isfinite(result.export.max_abs_diff) and result.export.max_abs_diff < 1e-4
+    if refinements:  # what follows is about the pruning alone (re-pruning from the masks file)
+        return
     # the automatic choice used clean data only; it is reported with its curve
     assert result.curve is not None and result.curve.chosen.count == result.plan.count
     assert result.curve.suspected_target == 0 and result.curve.points[0].signal > 0

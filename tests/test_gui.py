@@ -298,7 +298,7 @@ def test_export_from_loaded_masks_reports_where_they_came_from(qtbot, win, files
     assert exported.args == ["done"]
     report = (work / "from_masks.report.md").read_text()
     assert "masks loaded from m.masks.json" in report and "ANP neuron noise" not in report
-    assert "Stages run: convert -> parity -> rank -> write-back" in report
+    assert "Stages run: convert -> parity -> rank -> unlearn -> write-back" in report  # unlearning: the default
     plan = win.session.plan
     assert f"{plan.count} of {plan.total} neurons" in report and zero_scales(out) == plan.count
     shown = win.export_page.result.text()

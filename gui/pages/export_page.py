@@ -50,12 +50,12 @@ class ExportPage(Page):
         self.save_report = QCheckBox("Save a report next to it (.report.md and .report.json, with plots)", self)
         self.save_report.setObjectName("saveReportCheck")
         self.save_report.setChecked(True)
-        self.unlearn = QCheckBox("Unlearn the suspected trigger first (changes weights, takes minutes; "
-                                 "recommended: pruning alone rarely removes third-party backdoors)", self)
+        self.unlearn = QCheckBox("Unlearn the suspected trigger first (recommended; changes weights)", self)
         self.unlearn.setObjectName("unlearnCheck")
         self.unlearn.setToolTip("Reconstructs a trigger for the suspected target (and the class a per-class scan "
                                 "finds) on the clean images and unlearns it; kept only while held-out accuracy "
-                                "stays within 3 points. Skipped when no backdoor is suspected.")
+                                "stays within 3 points. Skipped when no backdoor is suspected. Takes minutes; pruning "
+                                "alone rarely removed backdoors of models trained by others.")
         self.unlearn.setChecked(True)
         form.addRow("", self.unlearn)
         form.addRow("", self.save_masks)
