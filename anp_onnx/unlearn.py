@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -114,6 +115,20 @@ def _batches(n: int, size: int, rng: np.random.Generator):
         yield order[s:s + size]
 
 
+@contextmanager
+def _frozen(net):
+    """``net``'s parameters without gradients for the duration; their flags as they were afterwards."""
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
 def reconstruct_trigger(net, images: ImageSet, target: int, *, steps: int = 300, batch_size: int = 64,
                         l1: float = 1e-2, lr: float = 0.1, device: str = "cpu", seed: int = 0,
                         cancel: Optional[CancelToken] = None) -> Trigger:
@@ -132,27 +147,26 @@ def reconstruct_trigger(net, images: ImageSet, target: int, *, steps: int = 300,
     rng = np.random.default_rng(seed)
     goal = torch.full((batch_size,), target, dtype=torch.long, device=device)
     net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     step = 0
-    while step < steps:
-        for idx in _batches(len(x_all), batch_size, rng):
-            check(cancel)
-            x = x_all[idx].to(device)
-            mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-            logits = net((1 - mask) * x + mask * pattern)
-            hit = float((logits.argmax(1) == target).float().mean())
-            loss = F.cross_entropy(logits, goal[:len(idx)]) + weight * mask.sum() / c
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            area = float(mask.detach().sum())
-            if hit >= 0.9 and (best is None or area < best[0]):
-                best = (area, mask.detach().clone(), pattern.detach().clone(), hit)
-            weight = weight * 1.2 if hit >= 0.95 else max(weight / 1.2, l1 * 1e-2)
-            step += 1
-            if step >= steps:
-                break
+    with _frozen(net):
+        while step < steps:
+            for idx in _batches(len(x_all), batch_size, rng):
+                check(cancel)
+                x = x_all[idx].to(device)
+                mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+                logits = net((1 - mask) * x + mask * pattern)
+                hit = float((logits.argmax(1) == target).float().mean())
+                loss = F.cross_entropy(logits, goal[:len(idx)]) + weight * mask.sum() / c
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                area = float(mask.detach().sum())
+                if hit >= 0.9 and (best is None or area < best[0]):
+                    best = (area, mask.detach().clone(), pattern.detach().clone(), hit)
+                weight = weight * 1.2 if hit >= 0.95 else max(weight / 1.2, l1 * 1e-2)
+                step += 1
+                if step >= steps:
+                    break
     if best is None:
         mask, pattern = torch.sigmoid(mask_logit).detach(), torch.sigmoid(pattern_logit).detach()
         best = (float(mask.sum()), mask, pattern, 0.0)
@@ -180,39 +194,37 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
     net.eval()
     if teacher is None:
         teacher = copy.deepcopy(net).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
     tensors = [t.tensor for t in trainable]
-    for t in tensors:
-        t.requires_grad_(True)
     opt = torch.optim.SGD(tensors, lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     padding = default_crop_padding(x_all.shape[2], x_all.shape[3])
     loss_value = float("nan")
-    try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            for idx in _batches(len(x_all), batch_size, rng):
-                check(cancel)
-                x = augment_batch(x_all[idx], g, padding=padding).to(device)
-                k = int(round(stamped * len(idx)))
-                with torch.no_grad():
-                    soft = F.softmax(teacher(x) / temperature, dim=1)
-                x = torch.cat([_stamp_each(triggers, x[:k]), x[k:]])
-                logp = F.log_softmax(net(x) / temperature, dim=1)
-                loss = F.kl_div(logp, soft, reduction="batchmean")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total, count = total + float(loss.detach()) * len(idx), count + len(idx)
-            loss_value = total / max(count, 1)
-            emit(progress, ProgressEvent(Stage.REFINE, epoch + 1, epochs, {"loss": loss_value}))
-    finally:
+    with _frozen(net):
         for t in tensors:
-            t.requires_grad_(False)
+            t.requires_grad_(True)
+        try:
+            for epoch in range(epochs):
+                total, count = 0.0, 0
+                for idx in _batches(len(x_all), batch_size, rng):
+                    check(cancel)
+                    x = augment_batch(x_all[idx], g, padding=padding).to(device)
+                    k = int(round(stamped * len(idx)))
+                    with torch.no_grad():
+                        soft = F.softmax(teacher(x) / temperature, dim=1)
+                    x = torch.cat([_stamp_each(triggers, x[:k]), x[k:]])
+                    logp = F.log_softmax(net(x) / temperature, dim=1)
+                    loss = F.kl_div(logp, soft, reduction="batchmean")
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    total, count = total + float(loss.detach()) * len(idx), count + len(idx)
+                loss_value = total / max(count, 1)
+                emit(progress, ProgressEvent(Stage.REFINE, epoch + 1, epochs, {"loss": loss_value}))
+        finally:
+            for t in tensors:  # buffers made trainable here; parameters get their flags back from _frozen
+                t.requires_grad_(False)
     return {"loss": loss_value}
-
 
 
 def _stamp_each(triggers: Sequence[Trigger], x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +290,7 @@ class UnlearnSettings:
     stamped: float = 0.5
     scan_steps: int = 100  # per class
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
+    guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
 
 
 #: Unlearning runs only when a backdoor is suspected: the collapse probe named a target, or the scan's
@@ -339,6 +352,9 @@ class TriggerUnlearning(Refinement):
                 _LOGGER.warning("unlearning skipped: no initializer of the model matched its torch weights")
                 return RefinementResult({}, {**metrics, "skipped": 1.0}, time.perf_counter() - start)
             start_acc = _accuracy(net, holdout, device)
+            guard = MAX_DROP_POINTS
+            if start_acc is not None and s.guard_se:
+                guard = max(guard, s.guard_se * float(np.sqrt(start_acc * (100 - start_acc) / len(holdout))))
             kept = [t.tensor.detach().clone() for t in trainable]
             teacher = copy.deepcopy(net).eval()
             triggers: list[Trigger] = []
@@ -351,7 +367,7 @@ class TriggerUnlearning(Refinement):
                     unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
                             stamped=s.stamped, device=device, seed=seed + r, cancel=cancel)
                     acc = _accuracy(net, holdout, device)
-                    if acc is None or acc >= start_acc - MAX_DROP_POINTS:
+                    if acc is None or acc >= start_acc - guard:
                         break
                     _LOGGER.info("unlearning round %d at lr %g: held-out accuracy %.1f%% (from %.1f%%); "
                                  "back to the last kept weights", r + 1, lr, acc, start_acc)

@@ -107,3 +107,16 @@ def test_nothing_suspected_means_nothing_changes(tmp_path, monkeypatch):
     path = train_backdoored(tmp_path / "b.onnx", target=0)
     values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=None)
     assert values == {} and result.metrics["skipped"] == 1.0 and "scan_anomaly" in result.metrics
+
+
+def test_the_net_keeps_its_gradient_flags_so_anp_can_run_again(tmp_path):
+    from anp_onnx.unlearn import unlearn
+
+    rep = anp_onnx.Repairer.open(tiny_model(tmp_path / "m.onnx"))
+    data = synthetic_images(64, seed=1)
+    flags = [p.requires_grad for p in rep.ctx.net.parameters()]
+    trigger = reconstruct_trigger(rep.ctx.net, data, 2, steps=5)
+    unlearn(rep.ctx.net, trainable_initializers(rep.ctx), data, [trigger], epochs=1)
+    assert [p.requires_grad for p in rep.ctx.net.parameters()] == flags
+    result = rep.optimize(data, anp_onnx.ANPConfig(iterations=3, batch_size=16, target=None))
+    assert result.iterations == 3
