@@ -319,6 +319,7 @@ def repair(
     if refinements and isinstance(pruning, AutoPrune) and curve is not None and not curve.signal_gone:
         # no backdoor signal went: the budget fallback's pruning removed no third-party backdoor and spent
         # accuracy the unlearning needs (benchmarks/README.md), so the refinements repair the unpruned model
+        _LOGGER.info("no backdoor signal went within the curve: nothing is pruned before the refinements")
         pruning = PruneSpec.count(0)
     plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
