@@ -39,7 +39,7 @@ _EXPORTS: dict[str, str] = {
     "AnpOnnxError": "errors", "Cancelled": "errors", "ConversionError": "errors", "DataError": "errors",
     "ModelError": "errors", "OutputError": "errors", "SettingsError": "errors", "UnsupportedModelError": "errors",
     "EvalResult": "evaluate",
-    "Evaluation": "finish",
+    "Evaluation": "finish", "refinement_summary": "finish",
     "InputSpec": "model", "LoadedModel": "model", "load_model": "model",
     "CancelToken": "progress", "ProgressEvent": "progress", "Stage": "progress",
     "PrunePlan": "prune", "PruneSpec": "prune", "rank_neurons": "prune", "REFERENCE_THRESHOLD": "prune",

@@ -196,10 +196,9 @@ class Repairer:
         initializers, refined = refine(self.ctx, plan, refine_data, refinements, target=getattr(opt, "target", None),
                                        device=getattr(opt, "device", "cpu"), holdout=holdout, progress=progress,
                                        cancel=cancel) if refinements else ({}, [])
-        result = finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
-                        parity=self.parity, outputs=outputs, initializers=initializers,
-                        refined=refinement_facts(refinements, refined), **kwargs)
-        return result
+        return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
+                      parity=self.parity, outputs=outputs, initializers=initializers,
+                      refined=refinement_facts(refinements, refined), **kwargs)
 
     def evaluate(self, clean: Optional[ImageSet], *, poisoned: Optional[ImageSet] = None,
                  target: Optional[int] = None, model: Optional[LoadedModel] = None) -> EvalResult:

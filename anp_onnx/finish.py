@@ -207,6 +207,16 @@ def refinement_facts(names: Sequence[str], results) -> dict[str, dict]:
             for n, r in zip(names, results)}
 
 
+def refinement_summary(facts: Mapping[str, Any]) -> str:
+    """One line on what a refinement did, from its entry in ``RepairResult.refinements``."""
+    m = facts.get("metrics", {})
+    if m.get("skipped"):
+        return f"skipped (no backdoor suspected: scan anomaly {m.get('scan_anomaly', 0):.2f})"
+    targets = [str(int(v)) for k, v in sorted(m.items()) if k.startswith("target_")]
+    return (f"{int(m.get('rounds', 0))} rounds kept for class {' and '.join(targets) or '-'}, "
+            f"{facts.get('initializers', 0)} initializers changed, {facts.get('seconds', 0):.0f} s")
+
+
 def stages_ran(parity: Optional[float], optimisation: Optional[MaskResult],
                curve: Optional[PruningCurve]) -> list[str]:
     """The stages before the write-back that produced these results, in pipeline order."""

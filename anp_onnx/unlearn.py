@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from .augment import augment_batch, default_crop_padding
+from .convert import torch_logits
 from .data import ImageSet
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 from .stages import Refinement, RefinementResult, register_refinement
@@ -172,10 +173,8 @@ def reconstruct_trigger(net, images: ImageSet, target: int, *, steps: int = 300,
         best = (float(mask.sum()), mask, pattern, 0.0)
     trigger = Trigger(target, best[1], best[2], 0.0, best[0])
     with torch.inference_mode():
-        hits = 0
-        for s in range(0, len(x_all), 256):
-            hits += int((net(trigger.stamp(x_all[s:s + 256].to(device))).argmax(1) == target).sum())
-    trigger.success = hits / len(x_all)
+        hits = torch_logits(lambda x: net(trigger.stamp(x)), x_all.numpy(), device).argmax(1) == target
+    trigger.success = float(hits.mean())
     return trigger
 
 
@@ -311,9 +310,8 @@ def _accuracy(net, images: Optional[ImageSet], device: str) -> Optional[float]:
     if images is None or not len(images):
         return None
     with torch.inference_mode():
-        pred = torch.cat([net(torch.from_numpy(images.x[i:i + 256]).to(device)).argmax(1).cpu()
-                          for i in range(0, len(images), 256)])
-    return 100.0 * float((pred.numpy() == images.y).mean())
+        pred = torch_logits(net, images.x, device).argmax(1)
+    return 100.0 * float((pred == images.y).mean())
 
 
 @register_refinement
@@ -333,10 +331,10 @@ class TriggerUnlearning(Refinement):
             cancel=None) -> RefinementResult:
         start = time.perf_counter()
         s = self.settings
-        net = ctx.net.to(device).eval()
         metrics: dict[str, float] = {}
         values: dict[str, np.ndarray] = {}
-        try:
+        with ctx.on_device(device) as net:
+            net.eval()
             scan = scan_targets(net, clean, list(range(ctx.model.num_classes or clean.num_classes_seen)),
                                 steps=s.scan_steps, device=device, seed=seed, progress=progress, cancel=cancel)
             metrics.update({"scan_smallest": float(scan.smallest), "scan_anomaly": scan.anomaly})
@@ -383,8 +381,6 @@ class TriggerUnlearning(Refinement):
                             **{f"trigger_area_{i + 1}": t.area for i, t in enumerate(triggers)}})
             if rounds:
                 values = {t.name: t.value() for t in trainable}
-        finally:
-            ctx.net.to("cpu")
         _LOGGER.info("unlearning: %d of %d rounds kept for class %s (%d initializers changed)",
                      rounds, s.rounds, " and ".join(map(str, targets)), len(values))
         return RefinementResult(values, metrics, time.perf_counter() - start)

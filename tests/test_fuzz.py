@@ -118,6 +118,14 @@ _ODD_INTS = st.one_of(st.integers(-3, 70), st.sampled_from([0, 2**31, 2**40, 10*
 _OPS = ["Relu", "Conv", "Hardmax", "QuantizeLinear", "Loop", "Identity", "Gemm", "NoSuchOp", "Softmax", ""]
 
 
+def _set_dims(value_info, values) -> None:
+    """Replace the declared shape of a graph input/output by ``values``."""
+    dims = value_info.type.tensor_type.shape.dim
+    del dims[:]
+    for value in values:
+        dims.add().dim_value = value
+
+
 @st.composite
 def _edited_model(draw) -> bytes:
     """The tiny model with a few structural edits, each one thing a hostile or broken file may hold."""
@@ -127,10 +135,7 @@ def _edited_model(draw) -> bytes:
         edit = draw(st.sampled_from(["input dims", "op", "drop node", "init dims", "raw data", "external",
                                      "opset", "ir", "output dims", "attribute", "input type", "rename"]))
         if edit == "input dims":
-            dims = graph.input[0].type.tensor_type.shape.dim
-            del dims[:]
-            for value in draw(st.lists(_ODD_INTS, max_size=6)):
-                dims.add().dim_value = value
+            _set_dims(graph.input[0], draw(st.lists(_ODD_INTS, max_size=6)))
         elif edit == "op":
             draw(st.sampled_from(list(graph.node))).op_type = draw(st.sampled_from(_OPS))
         elif edit == "drop node" and len(graph.node) > 1:
@@ -158,10 +163,7 @@ def _edited_model(draw) -> bytes:
         elif edit == "ir":
             model.ir_version = draw(_ODD_INTS)
         elif edit == "output dims":
-            dims = graph.output[0].type.tensor_type.shape.dim
-            del dims[:]
-            for value in draw(st.lists(_ODD_INTS, max_size=4)):
-                dims.add().dim_value = value
+            _set_dims(graph.output[0], draw(st.lists(_ODD_INTS, max_size=4)))
         elif edit == "attribute":
             node = draw(st.sampled_from([n for n in graph.node if n.attribute] or list(graph.node)))
             if node.attribute:

@@ -113,12 +113,3 @@ def failed(text: str, *, json_output: bool = False) -> None:
     """The last line of a command that failed; on stderr when stdout carries JSON."""
     print(f"FAILED: {text}", file=sys.stderr if json_output else sys.stdout)
 
-
-def refinement_line(facts: dict) -> str:
-    """One line on what a refinement did (its figures from ``RepairResult.refinements``)."""
-    m = facts.get("metrics", {})
-    if m.get("skipped"):
-        return f"skipped (no backdoor suspected: scan anomaly {m.get('scan_anomaly', 0):.2f})"
-    targets = [str(int(v)) for k, v in sorted(m.items()) if k.startswith("target_")]
-    return (f"{int(m.get('rounds', 0))} rounds kept for class {' and '.join(targets) or '-'}, "
-            f"{facts.get('initializers', 0)} initializers changed, {facts.get('seconds', 0):.0f} s")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import RepairResult, repair
+from .. import RepairResult, refinement_summary, repair
 from . import render
 from .options import (
     DEFAULT_HOLDOUT, _config, _spec, anp_options, holdout, model_options, neuron_options, pruning_options,
@@ -97,7 +97,7 @@ def _print_result(result: RepairResult) -> None:
         if result.plan.spec.mode != "auto":
             print(f"used instead: {result.plan.spec.describe()}")
     for name, facts in result.refinements.items():
-        print(f"refinement {name}: {render.refinement_line(facts)}")
+        print(f"refinement {name}: {refinement_summary(facts)}")
     print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
           f"on {result.optimisation.device}; total {result.seconds:.1f} s")
     for f in result.files:

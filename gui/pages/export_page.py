@@ -234,13 +234,7 @@ class ExportPage(Page):
                 f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
                 for name, x, y in rows) + "</table>"
         for name, facts in result.refinements.items():
-            m = facts.get("metrics", {})
-            if m.get("skipped"):
-                text += f"<p>Unlearning skipped: no backdoor suspected (scan anomaly {m.get('scan_anomaly', 0):.2f}).</p>"
-            else:
-                classes = " and ".join(str(int(v)) for k, v in sorted(m.items()) if k.startswith("target_"))
-                text += (f"<p>Unlearning ({esc(name)}): {int(m.get('rounds', 0))} rounds kept for class {classes}, "
-                         f"{facts.get('initializers', 0)} initializers changed, {facts.get('seconds', 0):.0f} s.</p>")
+            text += f"<p>Unlearning ({esc(name)}): {esc(anp_onnx.refinement_summary(facts))}.</p>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"
         self.result.setText(text)
         self.open_folder_button.show()
