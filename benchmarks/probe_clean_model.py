@@ -1,6 +1,6 @@
 """Does the collapse probe name a target on a model WITHOUT a backdoor? (false-positive check)
 
-    python benchmarks/probe_clean_model.py [--epochs 12] [--shared ../shared]
+    python benchmarks/probe_clean_model.py [--epochs 12] [--shared ../shared] [--save DIR]
 
 Trains the sample models' PreActResNet-mini with sample_models/make_samples.py's recipe but no
 poisoned images (so it needs ../shared/data/cifar10, like make_samples.py), exports it to ONNX in a
@@ -13,6 +13,7 @@ found next to the bundled backdoored models' probes.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=12, help="training epochs (default 12: about 3 min on 2 cores)")
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="folder holding data/cifar10")
+    p.add_argument("--save", type=Path, help="also keep the two clean ONNX files in this folder "
+                                             "(clean_preact.onnx, clean_preact_folded.onnx: bench rows)")
     args = p.parse_args(argv)
     if not (args.shared / "data" / "cifar10").is_dir():
         print(f"error: {args.shared / 'data' / 'cifar10'} not found (pass --shared)", file=sys.stderr)
@@ -53,6 +56,10 @@ def main(argv=None) -> int:
         result = probe(path)
         ms.export_onnx(ms.fold_preact(model)[0], Path(tmp) / "clean_preact_folded.onnx", keep_bn=False)
         folded = probe(Path(tmp) / "clean_preact_folded.onnx")
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            for name in ("clean_preact.onnx", "clean_preact_folded.onnx"):
+                shutil.copyfile(Path(tmp) / name, args.save / name)
     print(f"clean PreActResNet-mini, {args.epochs} epochs, validation accuracy {info['history'][-1]['val_acc']:.3f}:")
     print(f"  BN kept:   {result.describe()} (runner-up ratio {result.ratio:.1f})")
     print(f"  BN folded: {folded.describe()} (runner-up ratio {folded.ratio:.1f})")
