@@ -9,10 +9,10 @@ layout every loader of anp-onnx reads).
 * ``public`` (source "third-party"): the six backdoored models of ``../shared/data/public_bench``,
   one row per ONNX file (8 rows). Read at run time from the shared folder, never copied into the
   repository (their licences forbid it for most of them, see its README); absent folder: no rows.
-* ``clean``: ``../shared/data/onnx_clean/cifar10_small.onnx`` (no backdoor; NHWC, [0, 1]). No
-  clean PreAct trained by the samples' recipe exists as a file (benchmarks/probe_clean_model.py
-  trains one into a temporary folder), so it is not a row; ``mnist_cntk_2.5.1.onnx`` is left out
-  too (fixed batch of 1, no documented preprocessing).
+* ``clean``: ``../shared/data/onnx_clean/cifar10_small.onnx`` (no backdoor; NHWC, [0, 1]) and the
+  bundled ``sample_models/clean_preact.onnx`` / ``clean_preact_folded.onnx`` (the samples' recipe
+  without poison, made by ``benchmarks/probe_clean_model.py --save``; the samples' repair and test
+  sets); ``mnist_cntk_2.5.1.onnx`` is left out (fixed batch of 1, no documented preprocessing).
 
 CIFAR-10 public and clean models: repair set = 50 images per class from
 ``cifar10_jpeg_train_1kpc.npz`` picked with ``numpy.random.default_rng(CIFAR_PICK_SEED)`` (one
@@ -69,9 +69,10 @@ PUBLIC_ATTACK = {
     "shihao_badnet_mnist": "BadNets white 2x2", "cs612_mlp_mnist": "white 3x3 patch",
 }
 CLEAN = {"cifar10_small": ("onnx_clean/cifar10_small.onnx", "tf2onnx small CNN (2 conv, 3 FC)", "no BN")}
+#: Clean models trained by the samples' recipe without poison (benchmarks/probe_clean_model.py --save),
+#: bundled in sample_models/ with the samples' data: file -> normalisation.
+CLEAN_SAMPLES = {"clean_preact": "6 BN", "clean_preact_folded": "BN folded"}
 LEFT_OUT = {
-    "clean PreAct (samples' recipe)": "no such ONNX file in the repository (benchmarks/probe_clean_model.py "
-                                      "trains one into a temporary folder)",
     "mnist_cntk_2.5.1": "fixed batch of 1 and no documented preprocessing",
 }
 
@@ -179,11 +180,11 @@ class Registry:
 def known_names() -> list[str]:
     samples = sorted(p.stem for p in SAMPLES.glob("*.json") if "file" in json.loads(p.read_text()))
     public = [Path(f).stem for files in PUBLIC.values() for f in files]
-    return samples + public + list(CLEAN)
+    return samples + public + list(CLEAN) + list(CLEAN_SAMPLES)
 
 
 def _group_of(name: str) -> str:
-    if name in CLEAN:
+    if name in CLEAN or name in CLEAN_SAMPLES:
         return "clean"
     return "public" if any(name == Path(f).stem for files in PUBLIC.values() for f in files) else "samples"
 
@@ -291,6 +292,14 @@ def clean_models(shared: Path) -> tuple[list[BenchModel], dict[str, str]]:
             continue
         out.append(BenchModel(name, "clean", path, arch, norm, None, None, None, Preprocessing(), data[0], data[1],
                               clean_per_class=CIFAR_PER_CLASS, test_step=5, licence="none (local checks only)"))
+    for name, norm in CLEAN_SAMPLES.items():
+        path = SAMPLES / f"{name}.onnx"
+        if not path.is_file():
+            missing[name] = f"{path} not found"
+            continue
+        out.append(BenchModel(name, "clean", path, "PreActResNet-mini (samples' recipe, no poison)", norm, None,
+                              None, None, Preprocessing(), SAMPLES / "data" / "clean_500.npz",
+                              SAMPLES / "data" / "test_clean.npz", licence="samples"))
     return out, missing
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "sample_models"))
 
 def probe(path: Path):
     import anp_onnx
-    from anp_onnx.anp import calibrate
+    from anp_onnx.calibrate import calibrate
     from anp_onnx.collapse import find_target
 
     rep = anp_onnx.Repairer.open(path)
@@ -53,13 +53,13 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "clean_preact.onnx"
         ms.export_onnx(model, path, keep_bn=True)
-        result = probe(path)
         ms.export_onnx(ms.fold_preact(model)[0], Path(tmp) / "clean_preact_folded.onnx", keep_bn=False)
-        folded = probe(Path(tmp) / "clean_preact_folded.onnx")
         if args.save:
             args.save.mkdir(parents=True, exist_ok=True)
             for name in ("clean_preact.onnx", "clean_preact_folded.onnx"):
                 shutil.copyfile(Path(tmp) / name, args.save / name)
+        result = probe(path)
+        folded = probe(Path(tmp) / "clean_preact_folded.onnx")
     print(f"clean PreActResNet-mini, {args.epochs} epochs, validation accuracy {info['history'][-1]['val_acc']:.3f}:")
     print(f"  BN kept:   {result.describe()} (runner-up ratio {result.ratio:.1f})")
     print(f"  BN folded: {folded.describe()} (runner-up ratio {folded.ratio:.1f})")

@@ -4,7 +4,7 @@
     python benchmarks/quality.py --models samples --iterations 2000
     python benchmarks/quality.py --models kabu_simplecnn_checker cifar10_small --iterations 5   # a smoke run
     python benchmarks/quality.py --reference            # the reference ANP loop + threshold 0.2 as the method
-    python benchmarks/quality.py --from benchmarks/results/quality.json --summary   # re-print a saved run
+    python benchmarks/quality.py --from benchmarks/results/quality.json --summary   # re-print saved runs (one or more files)
 
 Models (benchmarks/bench_models.py): the six sample models (sample_models/), the public bench's
 third-party backdoored models and the clean models, both read at run time from ../shared (rows
@@ -160,6 +160,13 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
     return row
 
 
+def unlearn_settings() -> dict:
+    from dataclasses import asdict
+
+    from anp_onnx.unlearn import TriggerUnlearning
+    return asdict(TriggerUnlearning.settings)
+
+
 def machine() -> dict:
     import torch
 
@@ -183,20 +190,24 @@ def main(argv=None) -> int:
     p.add_argument("--refinements", nargs="*", default=None, metavar="NAME",
                    help="refinements after the pruning (default: anp-onnx's, 'unlearn'; none with --reference; "
                         "give no name for none)")
+    p.add_argument("--unlearn", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="settings of the unlearn refinement to try instead of its defaults "
+                        "(anp_onnx.unlearn.UnlearnSettings fields, e.g. guard_se=2 control=1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (default ../shared)")
     p.add_argument("--no-oracle", action="store_true", help="skip the two oracle columns (and the reference run)")
     p.add_argument("--oracle-points", type=int, default=oracle.GRID_POINTS, help="oracle grid points (default 24)")
     p.add_argument("--summary", action="store_true", help="also print how many models meet the targets")
-    p.add_argument("--from", dest="from_json", type=Path, help="print the table of a saved JSON (no run)")
+    p.add_argument("--from", dest="from_json", type=Path, nargs="+",
+                   help="print the table of saved JSON files, their rows together (no run)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = p.parse_args(argv)
     if args.refinements is None:
         from anp_onnx.options import DEFAULT_REFINEMENTS
         args.refinements = () if args.reference else DEFAULT_REFINEMENTS
     if args.from_json:
-        rows = json.loads(args.from_json.read_text())["rows"]
+        rows = [r for f in args.from_json for r in json.loads(f.read_text())["rows"]]
         print(table(rows))
         if args.summary:
             print("\n" + summary(rows))
@@ -204,6 +215,16 @@ def main(argv=None) -> int:
 
     import anp_onnx
     from anp_onnx.prune import REFERENCE_THRESHOLD, PruneSpec
+
+    if args.unlearn:
+        from anp_onnx.unlearn import TriggerUnlearning, UnlearnSettings
+        fields = UnlearnSettings.__dataclass_fields__
+        try:
+            changes = {k: type(getattr(UnlearnSettings, k))(float(v)) for k, v in
+                       (item.split("=", 1) for item in args.unlearn)}
+        except (AttributeError, ValueError) as exc:
+            p.error(f"--unlearn: {exc} (fields: {', '.join(fields)})")
+        TriggerUnlearning.settings = replace(TriggerUnlearning.settings, **changes)
 
     config = (anp_onnx.ANPConfig.reference if args.reference else anp_onnx.ANPConfig)(device=args.device,
                                                                                       seed=args.seed)
@@ -234,6 +255,7 @@ def main(argv=None) -> int:
     args.out.write_text(json.dumps({
         "command": " ".join(["python", "benchmarks/quality.py"] + (argv if argv is not None else sys.argv[1:])),
         "settings": config.to_dict(), "pruning": pruning.to_dict(), "machine": machine(),
+        "refinements": list(args.refinements), "unlearn_settings": unlearn_settings(),
         "oracle": {"note": ORACLE_NOTE, "max_asr": oracle.MAX_ASR, "max_fraction": oracle.MAX_FRACTION,
                    "grid_points": args.oracle_points, "skipped": args.no_oracle,
                    "uses": "the triggered TEST set, for diagnosis only; it never feeds a decision"},

@@ -19,8 +19,10 @@ ORACLE_NOTE = (f"oracle columns: diagnosis only, never a decision. They use the 
                f"the neurons; 'ACC at k' = k neurons pruned.")
 
 COLUMNS = ("model", "source", "arch / norm", "attack → target", "random patch → target", "ACC before → after",
-           "ASR before → after", "pruned", "time", "probe", "noise", "rule", "oracle (default masks)",
-           "oracle (reference)")
+           "ASR before → after", "pruned", "time", "probe", "noise", "rule", "refinement", "meets target",
+           "oracle (default masks)", "oracle (reference)")
+#: A clean model meets its target when it loses at most this much accuracy.
+TARGET_CLEAN_DROP = 0.01
 
 
 def pct(v: Optional[float]) -> str:
@@ -40,9 +42,35 @@ def probe_text(probe: Optional[dict], target: Optional[int], clean: bool = False
     return f"class {t}, {probe['top_share']:.0%}{verdict}"
 
 
+def refinement_text(r: dict) -> str:
+    """What the unlearning stage did: the scan, the classes unlearnt, the rounds kept and their lr."""
+    un = (r.get("refinements") or {}).get("unlearn")
+    if not un:
+        return "-"
+    m = un.get("metrics", {})
+    scan = f"scan {int(m['scan_smallest'])} ({m['scan_anomaly']:.2f})" if "scan_smallest" in m else "no scan"
+    if m.get("skipped"):
+        return f"{scan}; skipped"
+    classes = " and ".join(str(int(v)) for k, v in sorted(m.items()) if k.startswith("target_"))
+    lrs = sorted({round(v, 4) for k, v in m.items() if k.startswith("lr_")}, reverse=True)
+    lr_text = f" (lr {', '.join(f'{v:g}' for v in lrs)})" if lrs else ""
+    control = f", control {m['control_acc']:.0f}%" if "control_acc" in m else ""
+    return f"{scan}; class {classes}: {int(m.get('rounds', 0))} rounds kept{lr_text}{control}"
+
+
+def meets_text(r: dict) -> str:
+    if r.get("mode") == "all-to-all":
+        return "- (all-to-all)"
+    if r.get("source") == "clean":
+        drop = r["acc_before"] - r["acc_after"]
+        return f"{'yes' if drop <= TARGET_CLEAN_DROP + 1e-12 else 'no'} (drop {100 * drop:.1f})"
+    return "-" if r.get("asr_after") is None else ("yes" if meets(r) else "no")
+
+
 def row_cells(r: dict) -> list[str]:
     if r.get("error"):
-        return [r["model"], r.get("source", "-"), "-", "-", "-", f"error: {r['error'][:80]}"] + ["-"] * 8
+        return [r["model"], r.get("source", "-"), "-", "-", "-", f"error: {r['error'][:80]}"] + \
+            ["-"] * (len(COLUMNS) - 6)
     target = r.get("target")
     mode = r.get("mode", "all-to-one")
     attack = "clean (no backdoor)" if r.get("attack") is None else \
@@ -61,7 +89,7 @@ def row_cells(r: dict) -> list[str]:
         "-" if r.get("asr_before") is None else f"{pct(r['asr_before'])} → {pct(r['asr_after'])}",
         f"{r['pruned']} / {r['neurons']}", f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']})",
         probe_text(r.get("probe"), target if mode == "all-to-one" else None, r.get("attack") is None),
-        noise, rule,
+        noise, rule, refinement_text(r), meets_text(r),
         (oracle.get("text", "-") + flag) if oracle else "-",
         (ref.get("text", "-") + (" (same loop)" if ref.get("same_loop_as_default") else "")) if ref else "-",
     ]

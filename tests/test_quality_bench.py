@@ -11,7 +11,7 @@ import pytest
 
 from anp_onnx.preprocessing import Preprocessing
 from benchmarks import bench_models, oracle
-from benchmarks.quality_table import meets, summary, table
+from benchmarks.quality_table import COLUMNS, meets, summary, table
 
 
 def test_frontier_picks_best_accuracy_with_low_asr():
@@ -107,11 +107,18 @@ def test_table_and_summary_render():
            "acc_after": 0.70, "asr_before": 1.0, "asr_after": 0.04, "pruned": 3, "neurons": 100, "seconds": 12.0,
            "iterations": 5, "device": "cpu", "noise_target": 0,
            "probe": {"suspected_target": 3, "top": 3, "top_share": 0.77}, "rule_kind": "budget",
-           "oracle_method": {"text": "71.0% at 4"}, "oracle_reference": {"text": "never (<= 50 pruned)"}}
+           "oracle_method": {"text": "71.0% at 4"}, "oracle_reference": {"text": "never (<= 50 pruned)"},
+           "refinements": {"unlearn": {"metrics": {"scan_smallest": 0.0, "scan_anomaly": 2.08, "target_1": 3.0,
+                                                   "target_2": 0.0, "rounds": 2.0, "lr_1": 0.01, "lr_2": 0.0033}}}}
     clean = {**row, "model": "c", "source": "clean", "attack": None, "target": None, "mode": None,
-             "asr_before": None, "asr_after": None, "probe": None, "oracle_method": None, "oracle_reference": None}
+             "asr_before": None, "asr_after": None, "probe": None, "oracle_method": None, "oracle_reference": None,
+             "acc_after": 0.715, "refinements": {"unlearn": {"metrics": {"scan_smallest": 1.0, "scan_anomaly": 1.15,
+                                                                          "skipped": 1.0}}}}
     text = table([row, clean])
     assert "class 3, 77% (wrong)" in text and "66% (fires)" in text and "diagnosis only" in text
+    assert "scan 0 (2.08); class 3 and 0: 2 rounds kept (lr 0.01, 0.0033)" in text
+    assert "scan 1 (1.15); skipped" in text and "yes (drop 0.5)" in text
+    assert all(line.count("|") == len(COLUMNS) + 1 for line in text.splitlines() if line.startswith("| "))
     assert meets(row)
     out = summary([row, clean])
     assert "1 of 1" in out and "Clean model c" in out
