@@ -84,6 +84,7 @@ def test_with_unlearning_an_automatic_choice_without_a_backdoor_signal_prunes_no
     assert prune.mode.currentData() == "auto" and curve.signal_gone is None and curve.chosen.count > 0
     assert export.unlearn.isChecked()  # the default
     assert win.session.plan.count == 0 and prune.slider.value() == 0
+    assert sum(prune.layer_view.pruned_counts().values()) == 0
     summary = prune.summary.text()
     assert "No backdoor signal went on the curve" in summary and "no backdoor target was suspected" in summary
     assert "nothing is pruned" in summary and "the unlearning repairs the model" in summary
@@ -92,13 +93,13 @@ def test_with_unlearning_an_automatic_choice_without_a_backdoor_signal_prunes_no
     # without the unlearning the automatic choice prunes its neurons, at once on both pages
     win.go_to("export")
     export.unlearn.setChecked(False)
-    assert win.session.plan.count == curve.chosen.count
+    assert win.session.plan.count == curve.chosen.count == sum(prune.layer_view.pruned_counts().values())
     assert "No backdoor signal" not in prune.summary.text() and "No backdoor signal" not in export.plan_label.text()
     assert f"Will prune <b>{curve.chosen.count} of 24 neurons</b>" in export.plan_label.text()
     # a suspected target whose signal did not go: the same rule, said so
     win.session.curve = replace(curve, suspected_target=0, signal_gone=False)
     export.unlearn.setChecked(True)
-    assert win.session.plan.count == 0
+    assert win.session.plan.count == 0 and sum(prune.layer_view.pruned_counts().values()) == 0
     assert "the signal of suspected target 0 did not go" in prune.summary.text()
     label = export.plan_label.text()
     assert "No backdoor signal went on the curve" in label and "nothing is pruned" in label

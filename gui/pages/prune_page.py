@@ -16,6 +16,7 @@ from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, ra
 from ..plots import PruningCurvePlot
 from ..stages import StageClock, duration
 from .base import WARN, Page, esc, pct, rich
+from .layers import LayerView
 from .widgets import NeuronTable
 
 THRESHOLD_STEPS = 1000
@@ -109,10 +110,14 @@ class PrunePage(Page):
         lv.addLayout(crow)
         self.curve_info = rich(left, "", "curveInfo")
         lv.addWidget(self.curve_info)
-        self.neurons = NeuronTable(split)
+        right = QSplitter(Qt.Orientation.Vertical, split)
+        self.layer_view = LayerView(right)  # where the pruned channels sit, layer by layer
+        self.neurons = NeuronTable(right)
         self.table = self.neurons.table
+        right.addWidget(self.layer_view)
+        right.addWidget(self.neurons)
         split.addWidget(left)
-        split.addWidget(self.neurons)
+        split.addWidget(right)
         split.setSizes([560, 440])
         self.body.addWidget(split, 1)
         self._mode_changed()
@@ -132,6 +137,9 @@ class PrunePage(Page):
     # -- masks and selection ------------------------------------------------------------------
     def refresh(self) -> None:
         s = self.session
+        layers = tuple(s.repairer.layers) if s.repairer is not None else ()
+        if self.layer_view.layers != layers:
+            self.layer_view.set_layers(layers)
         if s.masks is not self._masks:
             self._masks = s.masks
             self._touched = False
@@ -142,6 +150,7 @@ class PrunePage(Page):
                 self.set_spec(REFERENCE, touched=False)
             else:
                 self.neurons.set_plan(None)
+                self.layer_view.set_plan(None)
                 self.summary.setText("")
         if s.curve is None:
             self.curve_progress.setRange(0, 1)
@@ -260,6 +269,7 @@ class PrunePage(Page):
         self._show_drop(spec)
         self.plot.mark(plan.count)
         self.neurons.set_plan(plan)
+        self.layer_view.set_plan(plan, s.masks)
         self.win.plan_changed()
 
     def refinements_changed(self) -> None:
