@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     "default_masks_path": "masks_io", "mask_values_path": "masks_io", "load_masks": "masks_io",
     "CollapseProbe": "collapse",
     "RepairContext": "context",
-    "CurvePoint": "curve", "PruningCurve": "curve",
+    "CurvePoint": "curve", "PruningCurve": "curve", "effective_pruning": "curve",
     "ImageSet": "data", "load_images": "data",
     "Preprocessing": "preprocessing", "PRESETS": "preprocessing",
     "AnpOnnxError": "errors", "Cancelled": "errors", "ConversionError": "errors", "DataError": "errors",

@@ -27,7 +27,7 @@ from .calibrate import calibrate, current_centres, set_centres
 from .collapse import find_target, probe_supported
 from .context import open_context
 from .convert import parity
-from .curve import PruningCurve
+from .curve import PruningCurve, effective_pruning
 from .data import ImageSet, load_images
 from .errors import SettingsError
 from .evaluate import EvalResult, evaluate
@@ -139,9 +139,14 @@ class Repairer:
                              target=target, device=resolve_device(device), progress=progress, cancel=cancel)
 
     def plan(self, masks: Mapping[str, np.ndarray], spec: PruneSpec = PruneSpec.threshold(REFERENCE_THRESHOLD), *,
-             tiebreak: Optional[Mapping[str, np.ndarray]] = None, curve: Optional[PruningCurve] = None) -> PrunePlan:
-        """Neurons to prune. ``auto`` specs need the ``curve`` (see :meth:`pruning_curve`)."""
+             tiebreak: Optional[Mapping[str, np.ndarray]] = None, curve: Optional[PruningCurve] = None,
+             refinements: Sequence[str] = ()) -> PrunePlan:
+        """Neurons to prune. ``auto`` specs need the ``curve`` (see :meth:`pruning_curve`); with the
+        ``refinements`` that will run after it, the spec is :func:`~anp_onnx.curve.effective_pruning`'s."""
         masks = match_masks(masks, self.layers)
+        if (effective := effective_pruning(spec, curve, refinements)) != spec:
+            _LOGGER.info("no backdoor signal went within the curve: nothing is pruned before the refinements")
+            spec = effective
         if isinstance(spec, AutoPrune):
             if curve is None:
                 raise SettingsError("automatic pruning needs a pruning curve on held-out clean data")
@@ -193,6 +198,8 @@ class Repairer:
                                  overwrite=kwargs.get("overwrite", False),
                                  replace_input=kwargs.get("replace_input", False))
         holdout = kwargs["evaluation"].holdout if "evaluation" in kwargs else None
+        if effective_pruning(plan.spec, kwargs.get("curve"), refinements) != plan.spec:  # planned without them
+            plan = self.plan(masks, plan.spec, curve=kwargs.get("curve"), refinements=refinements)
         initializers, refined = refine(self.ctx, plan, refine_data, refinements, target=getattr(opt, "target", None),
                                        device=getattr(opt, "device", "cpu"), holdout=holdout, progress=progress,
                                        cancel=cancel) if refinements else ({}, [])
@@ -315,13 +322,8 @@ def repair(
             target=target, max_drop=settings.max_drop, suspected_target=result.target, signal_data=clean,
             signal_max_drop=settings.signal_max_drop, device=getattr(config, "device", "cpu"),
             progress=progress, cancel=cancel)
-    if refinements and isinstance(pruning, AutoPrune) and curve is not None and not curve.signal_gone:
-        # no backdoor signal went: the budget fallback's pruning removed no third-party backdoor and spent
-        # accuracy the unlearning needs (benchmarks/README.md), so the refinements repair the unpruned model
-        _LOGGER.info("no backdoor signal went within the curve: nothing is pruned before the refinements")
-        pruning = PruneSpec.count(0)
-    plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)
-    _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, pruning.describe())
+    plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve, refinements=refinements)
+    _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, plan.spec.describe())
     initializers, refined = refine(rep.ctx, plan, clean, refinements, target=result.target, device=result.device,
                                    seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
     return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,

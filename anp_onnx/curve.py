@@ -27,10 +27,10 @@ import numpy as np
 from .errors import SettingsError
 from .options import DEFAULT_MAX_DROP, DEFAULT_MAX_FRACTION, DEFAULT_SIGNAL_MAX_DROP
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
-from .prune import PruneSpec, RankedNeuron
+from .prune import AutoPrune, PruneSpec, RankedNeuron
 
-__all__ = ["CurvePoint", "PruningCurve", "compute_curve", "grid_counts", "GONE_FRACTION", "DEFAULT_MAX_DROP",
-           "DEFAULT_SIGNAL_MAX_DROP", "DEFAULT_MAX_FRACTION"]
+__all__ = ["CurvePoint", "PruningCurve", "compute_curve", "effective_pruning", "grid_counts", "GONE_FRACTION",
+           "DEFAULT_MAX_DROP", "DEFAULT_SIGNAL_MAX_DROP", "DEFAULT_MAX_FRACTION"]
 
 GRID_POINTS = 48
 #: After pruning, the backdoor signal (the fraction of probed clean images of other classes that a
@@ -85,6 +85,21 @@ class PruningCurve:
             "suspected_target": self.suspected_target, "signal_gone": self.signal_gone,
             "points": [asdict(p) for p in self.points],
         }
+
+
+def effective_pruning(pruning: PruneSpec, curve: Optional[PruningCurve], refinements: Sequence[str]) -> PruneSpec:
+    """What is pruned before the ``refinements`` run: ``pruning`` itself, except that an automatic
+    choice whose ``curve`` saw no backdoor signal go (none suspected, or it did not go) prunes nothing.
+
+    Why: without the signal, the automatic choice falls back to the accuracy budget; on the bench that
+    pruning removed no backdoor of third-party models and spent the accuracy the unlearning needs
+    (benchmarks/README.md), so the refinements repair the unpruned model instead. Every path that
+    plans for a repair comes here (:func:`anp_onnx.repair`, ``Repairer.plan`` and ``Repairer.finish``
+    with refinements, and so the CLI and the desktop app): they all prune the same.
+    """
+    if refinements and isinstance(pruning, AutoPrune) and curve is not None and not curve.signal_gone:
+        return PruneSpec.count(0)
+    return pruning
 
 
 #: evaluate(pruned neurons, measure_signal, above) -> (clean accuracy, ASR or None, backdoor signal or None).

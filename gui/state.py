@@ -82,7 +82,8 @@ class Session:
 
     The pages share what they know only through here (and the window's signals): each page writes
     the facts it produces and reads those of the others. The Settings step's ANP settings
-    (``anp_config``) are not a product of the model and outlive :meth:`reset_from`.
+    (``anp_config``) and the Export step's ``unlearn`` are not products of the model and outlive
+    :meth:`reset_from`.
     """
 
     repairer: Optional[anp_onnx.Repairer] = None
@@ -104,10 +105,12 @@ class Session:
     masks_source: str = ""
     curve: Any = None
     curve_where: str = ""
-    plan: Optional[anp_onnx.PrunePlan] = None
+    choice: Optional[anp_onnx.PruneSpec] = None    # what the Prune step asked for (auto, count, threshold)
+    plan: Optional[anp_onnx.PrunePlan] = None      # what the export prunes (the library's rule applied)
     export: Optional[anp_onnx.ExportResult] = None
     anp_config: Optional[ANPConfig] = None         # the Settings step's values; None while they are invalid
     anp_problem: str = ""                          # why they are invalid
+    unlearn: bool = True                           # the Export step's "unlearn the suspected trigger"
 
     @property
     def model_path(self) -> Optional[Path]:
@@ -123,6 +126,15 @@ class Session:
         if self.anp_config is None:
             raise anp_onnx.SettingsError(self.anp_problem or "the ANP settings are not set")
         return self.anp_config.resolve()
+
+    def refinements(self) -> tuple[str, ...]:
+        """The refinements the export runs after the pruning: the unlearning, when asked and clean images are there."""
+        return ("unlearn",) if self.unlearn and self.train is not None else ()
+
+    def nothing_pruned_for_refinements(self) -> bool:
+        """The Prune step's automatic choice prunes nothing because the refinements will run and no backdoor
+        signal went on the curve (the library's rule, :func:`anp_onnx.effective_pruning`)."""
+        return self.plan is not None and self.choice is not None and self.plan.spec != self.choice
 
     def eval_set(self) -> tuple[Optional[anp_onnx.ImageSet], str]:
         """Clean images to report accuracy before/after on (never used to decide), and their description."""
@@ -153,4 +165,4 @@ class Session:
             self.masks_source = ""
             self.curve, self.curve_where = None, ""
         if level <= 3:
-            self.plan = self.export = None
+            self.plan = self.export = self.choice = None

@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt, QUrl
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
     TIMEOUT, answer_next_dialog, backdoored, files, linear_masks, load_clean, load_set, open_model, settings,
-    visible_errors, win,
+    visible_errors, win, zero_scales,
 )
 from gui.verdict import judge
 
@@ -70,6 +70,50 @@ def test_export_unlearns_the_suspected_trigger_when_asked(qtbot, win, backdoored
     assert "unlearn" in result.stages and result.refinements["unlearn"]["initializers"] > 0
     assert result.before.asr > 0.9 and result.after.asr < 0.5 * result.before.asr
     assert "Unlearning (unlearn):" in page.result.text() and "PASSED" in page.file_verdict.text()
+
+
+def test_with_unlearning_an_automatic_choice_without_a_backdoor_signal_prunes_nothing(qtbot, win, files):
+    """As on the command line (anp_onnx.effective_pruning): nothing pruned, said on both pages, then unlearning."""
+    work, model, clean = files
+    open_model(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(linear_masks(win), "test masks")
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
+        win.go_to("prune")
+    curve, prune, export = win.session.curve, win.prune_page, win.export_page
+    assert prune.mode.currentData() == "auto" and curve.signal_gone is None and curve.chosen.count > 0
+    assert export.unlearn.isChecked()  # the default
+    assert win.session.plan.count == 0 and prune.slider.value() == 0
+    assert sum(prune.layer_view.pruned_counts().values()) == 0
+    summary = prune.summary.text()
+    assert "No backdoor signal went on the curve" in summary and "no backdoor target was suspected" in summary
+    assert "nothing is pruned" in summary and "the unlearning repairs the model" in summary
+    assert f"the automatic choice prunes {curve.chosen.count} of 24 neurons" in summary
+
+    # without the unlearning the automatic choice prunes its neurons, at once on both pages
+    win.go_to("export")
+    export.unlearn.setChecked(False)
+    assert win.session.plan.count == curve.chosen.count == sum(prune.layer_view.pruned_counts().values())
+    assert "No backdoor signal" not in prune.summary.text() and "No backdoor signal" not in export.plan_label.text()
+    assert f"Will prune <b>{curve.chosen.count} of 24 neurons</b>" in export.plan_label.text()
+    # a suspected target whose signal did not go: the same rule, said so
+    win.session.curve = replace(curve, suspected_target=0, signal_gone=False)
+    export.unlearn.setChecked(True)
+    assert win.session.plan.count == 0 and sum(prune.layer_view.pruned_counts().values()) == 0
+    assert "the signal of suspected target 0 did not go" in prune.summary.text()
+    label = export.plan_label.text()
+    assert "No backdoor signal went on the curve" in label and "nothing is pruned" in label
+    assert "Will prune <b>0 of 24 neurons</b>" in label
+
+    out = work / "unlearnt.onnx"
+    export.output.setText(str(out))
+    with qtbot.waitSignal(export.exportFinished, timeout=4 * TIMEOUT) as exported:
+        export.export()
+    assert exported.args == ["done"]
+    result = export.last_result
+    assert result.plan.count == 0 and "unlearn" in result.stages and zero_scales(out) == 0
+    assert "No neurons were pruned" in export.result.text()
+    assert not visible_errors(win)
 
 
 def masks_and_plan(qtbot, win, model, clean, spec):

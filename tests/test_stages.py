@@ -135,3 +135,23 @@ def test_an_unknown_refinement_fails_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="unknown refinement"):
         anp_onnx.repair(model, random_images(60), out=tmp_path / "r.onnx", refinements=["nope"])
     assert not (tmp_path / "r.onnx").exists()
+
+
+def test_finish_prunes_nothing_before_refinements_when_no_backdoor_signal_went(registered, tmp_path):
+    """Repairer.finish applies repair()'s rule to a plan made without the refinements in mind."""
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(60)
+    rep = anp_onnx.Repairer.open(model)
+    masks = {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in rep.layers}
+    curve = rep.pruning_curve(masks, data, max_drop=1.0)  # no suspected target: the budget fallback prunes
+    assert curve.signal_gone is None and curve.chosen.count > 0
+    auto = anp_onnx.PruneSpec.auto(1.0)
+    plan = rep.plan(masks, auto, curve=curve)
+    assert plan.count == curve.chosen.count and plan.spec == auto
+    assert rep.plan(masks, auto, curve=curve, refinements=["bias-test"]).count == 0
+    common = dict(curve=curve, report=False, save_masks=False, refine_data=data)
+    plain = rep.finish(plan, masks, tmp_path / "p.onnx", **common)  # no refinements: the automatic choice
+    assert plain.plan.count == curve.chosen.count
+    refined = rep.finish(plan, masks, tmp_path / "r.onnx", refinements=["bias-test"], **common)
+    assert refined.plan.count == 0 and refined.plan.spec == anp_onnx.PruneSpec.count(0)
+    assert "bias-test" in refined.stages and sum(len(v) for v in refined.pruned.values()) == 0

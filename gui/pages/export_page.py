@@ -21,6 +21,7 @@ from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_
 from ..dialogs import confirm
 from ..verdict import judge
 from .base import ERROR, GOOD, WARN, Page, esc, pct, rich
+from .prune_page import nothing_pruned_note
 
 
 class ExportPage(Page):
@@ -56,7 +57,8 @@ class ExportPage(Page):
                                 "finds) on the clean images and unlearns it; kept only while held-out accuracy "
                                 "stays within 3 points. Skipped when no backdoor is suspected. Takes minutes; pruning "
                                 "alone rarely removed backdoors of models trained by others.")
-        self.unlearn.setChecked(True)
+        self.unlearn.setChecked(self.session.unlearn)
+        self.unlearn.toggled.connect(self._unlearn_toggled)
         form.addRow("", self.unlearn)
         form.addRow("", self.save_masks)
         form.addRow("", self.save_report)
@@ -113,11 +115,21 @@ class ExportPage(Page):
             self.output.setText(str(folder / f"{src.stem}_repaired.onnx"))
         if s.plan is None:
             self.plan_label.setText("<i>Choose what to prune at the Prune step first.</i>")
+        elif s.nothing_pruned_for_refinements():
+            self.plan_label.setText(f"{nothing_pruned_note(s.curve)} Will prune <b>0 of {s.plan.total} neurons</b> "
+                                    f"(the automatic choice alone: {s.curve.chosen.count}); masks: "
+                                    f"{esc(s.masks_source)}.")
         else:
             self.plan_label.setText(f"Will prune <b>{s.plan.count} of {s.plan.total} neurons</b> "
                                     f"({esc(s.plan.spec.describe())}); masks: {esc(s.masks_source)}.")
         if s.export is None:
             self.clear_result()
+
+    def _unlearn_toggled(self, on: bool) -> None:
+        """The unlearning decides what the automatic choice prunes (nothing, without a backdoor signal)."""
+        self.session.unlearn = on
+        self.win.prune_page.refinements_changed()
+        self.refresh()
 
     def clear_result(self, text: str = "") -> None:
         self.open_folder_button.hide()
@@ -193,7 +205,7 @@ class ExportPage(Page):
         config = s.masks_config if optimisation is not None else None
         meta = {"data": verify.source} if verify is not None else {}
         source, mean_masks = s.masks_source, s.mean_masks
-        refinements = ("unlearn",) if self.unlearn.isChecked() and verify is not None else ()
+        refinements = s.refinements()  # the ones the Prune step's plan was made for
 
         def job(progress, cancel):
             return rep.finish(plan, masks, out, save_masks=save_masks, optimisation=optimisation, config=config,
@@ -233,6 +245,9 @@ class ExportPage(Page):
             text += "<table cellspacing='6'><tr><th></th><th>before</th><th>after</th></tr>" + "".join(
                 f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
                 for name, x, y in rows) + "</table>"
+        if result.plan.count == 0 and result.refinements and self.session.nothing_pruned_for_refinements():
+            text += ("<p>No neurons were pruned: no backdoor signal went on the pruning curve, so the unlearning "
+                     "alone repaired the model.</p>")
         for name, facts in result.refinements.items():
             text += f"<p>Unlearning ({esc(name)}): {esc(anp_onnx.refinement_summary(facts))}.</p>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
-    QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QHeaderView, QLineEdit, QListWidget,
-    QListWidgetItem, QPushButton, QScrollArea, QSplitter, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
+    QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLineEdit, QListWidget, QListWidgetItem, QPushButton, QScrollArea,
+    QSplitter, QVBoxLayout, QWidget,
 )
 
 import anp_onnx
 from anp_onnx import ConversionError
 
 from .base import Page, bullet_list, esc, rich
+from .layers import LayerView
 
 KIND_NAMES = {"batchnorm": "batch normalisation channels", "conv": "convolution/linear output channels"}
 RANDOM_IMAGES = 8
@@ -120,13 +121,7 @@ class ModelPage(Page):
         self.summary.setMargin(6)
         scroll.setWidget(self.summary)
         rv.addWidget(scroll, 3)
-        self.layers = QTableWidget(0, 3, right)
-        self.layers.setObjectName("layersTable")
-        self.layers.setHorizontalHeaderLabels(["Neuron layer", "Kind", "Neurons"])
-        self.layers.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.layers.verticalHeader().setVisible(False)
-        self.layers.verticalHeader().setDefaultSectionSize(22)
-        self.layers.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        self.layers = LayerView(right, pruning=False, name="layersTable")  # the neuron layers, in graph order
         rv.addWidget(self.layers, 2)
         split.addWidget(left)
         split.addWidget(right)
@@ -170,22 +165,14 @@ class ModelPage(Page):
             self.summary.setText("<p>Open a model to see its inputs, classes and the neurons that ANP can prune."
                                  "</p><p>anp-onnx repairs image classifiers that contain batch normalisation "
                                  "layers. The file you open is never modified.</p>")
-            self.layers.setRowCount(0)
+            self.layers.set_layers(())
             return
         self.path_label.setText(f"<b>{esc(info.path.name)}</b> &nbsp; <span style='color:#555'>"
                                 f"{esc(info.path.parent)}</span>")
         self.summary.setText(summary_html(info, self.session.random_parity, self.session.conversion_problem,
                                           self.session.data_parity))
-        rows = info.neurons.layers
-        self.layers.setRowCount(len(rows))
-        for r, layer in enumerate(rows):
-            for c, value in enumerate((layer.name, KIND_NAMES.get(layer.kind, layer.kind), str(layer.size))):
-                item = QTableWidgetItem(value)
-                if c == 2:
-                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                self.layers.setItem(r, c, item)
-        self.layers.resizeColumnToContents(1)
-        self.layers.resizeColumnToContents(2)
+        if self.layers.layers != tuple(info.neurons.layers):
+            self.layers.set_layers(info.neurons.layers)
 
 
 def summary_html(info: anp_onnx.ModelInfo, parity, problem: str, data_parity=None) -> str:

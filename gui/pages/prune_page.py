@@ -16,6 +16,7 @@ from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, ra
 from ..plots import PruningCurvePlot
 from ..stages import StageClock, duration
 from .base import WARN, Page, esc, pct, rich
+from .layers import LayerView
 from .widgets import NeuronTable
 
 THRESHOLD_STEPS = 1000
@@ -109,10 +110,14 @@ class PrunePage(Page):
         lv.addLayout(crow)
         self.curve_info = rich(left, "", "curveInfo")
         lv.addWidget(self.curve_info)
-        self.neurons = NeuronTable(split)
+        right = QSplitter(Qt.Orientation.Vertical, split)
+        self.layer_view = LayerView(right)  # where the pruned channels sit, layer by layer
+        self.neurons = NeuronTable(right)
         self.table = self.neurons.table
+        right.addWidget(self.layer_view)
+        right.addWidget(self.neurons)
         split.addWidget(left)
-        split.addWidget(self.neurons)
+        split.addWidget(right)
         split.setSizes([560, 440])
         self.body.addWidget(split, 1)
         self._mode_changed()
@@ -132,6 +137,9 @@ class PrunePage(Page):
     # -- masks and selection ------------------------------------------------------------------
     def refresh(self) -> None:
         s = self.session
+        layers = tuple(s.repairer.layers) if s.repairer is not None else ()
+        if self.layer_view.layers != layers:
+            self.layer_view.set_layers(layers)
         if s.masks is not self._masks:
             self._masks = s.masks
             self._touched = False
@@ -142,6 +150,7 @@ class PrunePage(Page):
                 self.set_spec(REFERENCE, touched=False)
             else:
                 self.neurons.set_plan(None)
+                self.layer_view.set_plan(None)
                 self.summary.setText("")
         if s.curve is None:
             self.curve_progress.setRange(0, 1)
@@ -237,18 +246,21 @@ class PrunePage(Page):
     def _apply(self, spec: PruneSpec, touched: bool = True) -> None:
         s = self.session
         self._touched = self._touched or touched
-        try:
-            plan = s.repairer.plan(s.masks, spec, tiebreak=s.mean_masks, curve=s.curve)
+        try:  # with the export's refinements: the library may prune nothing before them (effective_pruning)
+            plan = s.repairer.plan(s.masks, spec, tiebreak=s.mean_masks, curve=s.curve, refinements=s.refinements())
         except anp_onnx.AnpOnnxError as exc:
             self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
             return
-        s.plan, s.export = plan, None
+        s.plan, s.choice, s.export = plan, spec, None
         if spec.mode == "auto":
             self._show_value(plan.count)
         share = plan.count / plan.total if plan.total else 0
         layers = sum(1 for v in plan.pruned.values() if len(v))
         text = (f"Pruning <b>{plan.count} of {plan.total} neurons</b> ({share:.1%}) in {layers} layer(s): "
                 f"{esc(spec.describe())}")
+        if s.nothing_pruned_for_refinements():
+            text = (f"{nothing_pruned_note(s.curve)} Without the unlearning, the automatic choice prunes "
+                    f"{s.curve.chosen.count} of {plan.total} neurons")
         if plan.count:
             text += f"; highest pruned mask {self._threshold_for(plan.count):.3f}"
         if s.curve is not None and s.curve.points:
@@ -257,7 +269,15 @@ class PrunePage(Page):
         self._show_drop(spec)
         self.plot.mark(plan.count)
         self.neurons.set_plan(plan)
+        self.layer_view.set_plan(plan, s.masks)
         self.win.plan_changed()
+
+    def refinements_changed(self) -> None:
+        """The Export step's unlearning was switched on or off: the automatic choice may prune otherwise."""
+        s = self.session
+        if s.plan is not None and s.choice is not None and \
+                anp_onnx.effective_pruning(s.choice, s.curve, s.refinements()) != s.plan.spec:
+            self._apply(s.choice, touched=False)
 
     @staticmethod
     def _curve_figures(curve, count: int) -> str:
@@ -284,6 +304,8 @@ class PrunePage(Page):
             why = (f"the backdoor-signal rule may spend up to {100 * DEFAULT_SIGNAL_MAX_DROP:g} points"
                    if curve.signal_gone else f"the curve was measured with a budget of {100 * curve.max_drop:g}")
             text = f"<span style='color:{WARN}'><b>{text}</b>, more than the budget ({why})</span>"
+        if self.session.nothing_pruned_for_refinements():
+            text += "; with unlearning on, nothing is pruned, so no accuracy is spent on pruning"
         self.drop_label.setText(text)
 
     def use_automatic(self) -> None:
@@ -375,12 +397,20 @@ class PrunePage(Page):
             f"Accuracy measured on {esc(where)}; unpruned: {pct(curve.baseline)}. Automatic choice: "
             f"<b>{chosen.count} neurons</b> (mask ≤ {chosen.threshold:.3f}), {esc(how)}: {pct(chosen.accuracy)}"
             + (f", attack success rate {pct(chosen.asr)}" if chosen.asr is not None else "") + ".")
-        if self._touched and s.plan is not None:
-            self._apply(s.plan.spec, touched=False)  # keep the user's choice, now with curve figures
+        if self._touched and s.choice is not None:
+            self._apply(s.choice, touched=False)  # keep the user's choice, now with curve figures
         else:
             self.use_automatic()
         self.set_busy(self.win.runner.busy)
         self.curveFinished.emit("done")
+
+
+def nothing_pruned_note(curve) -> str:
+    """Why the automatic choice prunes nothing before the unlearning (the library's effective_pruning), in HTML."""
+    why = (f"the signal of suspected target {curve.suspected_target} did not go" if curve.signal_gone is False
+           else "no backdoor target was suspected")
+    return (f"<span style='color:{WARN}'><b>No backdoor signal went on the curve</b></span> ({esc(why)}): with "
+            "unlearning on (Export step), <b>nothing is pruned</b>; the unlearning repairs the model.")
 
 
 def drop_text(baseline: float, point) -> str:
