@@ -200,12 +200,14 @@ class Repairer:
         holdout = kwargs["evaluation"].holdout if "evaluation" in kwargs else None
         if effective_pruning(plan.spec, kwargs.get("curve"), refinements) != plan.spec:  # planned without them
             plan = self.plan(masks, plan.spec, curve=kwargs.get("curve"), refinements=refinements)
-        initializers, refined = refine(self.ctx, plan, refine_data, refinements, target=getattr(opt, "target", None),
-                                       device=getattr(opt, "device", "cpu"), holdout=holdout, progress=progress,
-                                       cancel=cancel) if refinements else ({}, [])
-        return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
-                      parity=self.parity, outputs=outputs, initializers=initializers,
-                      refined=refinement_facts(refinements, refined), **kwargs)
+        with self.ctx.weights_kept():  # refinements train the torch weights: this Repairer keeps the original's
+            initializers, refined = refine(self.ctx, plan, refine_data, refinements,
+                                           target=getattr(opt, "target", None), device=getattr(opt, "device", "cpu"),
+                                           holdout=holdout, progress=progress,
+                                           cancel=cancel) if refinements else ({}, [])
+            return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
+                          parity=self.parity, outputs=outputs, initializers=initializers,
+                          refined=refinement_facts(refinements, refined), **kwargs)
 
     def evaluate(self, clean: Optional[ImageSet], *, poisoned: Optional[ImageSet] = None,
                  target: Optional[int] = None, model: Optional[LoadedModel] = None) -> EvalResult:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
 
 import numpy as np
+import torch
 import onnx
 from torch import nn
 
@@ -75,6 +76,18 @@ class RepairContext:
             yield self.net
         finally:
             self.reset_masks()
+
+    @contextmanager
+    def weights_kept(self) -> Iterator[ClassifierNet]:
+        """The net, whose weights and buffers are put back as they were afterwards (a weight-level
+        refinement trains them in place; the next plan, curve or export starts from the original)."""
+        saved = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+        try:
+            yield self.net
+        finally:
+            with torch.no_grad():
+                for k, v in self.net.state_dict().items():
+                    v.copy_(saved[k].to(v.device))
 
     @contextmanager
     def on_device(self, device: str) -> Iterator[ClassifierNet]:

@@ -155,3 +155,22 @@ def test_finish_prunes_nothing_before_refinements_when_no_backdoor_signal_went(r
     refined = rep.finish(plan, masks, tmp_path / "r.onnx", refinements=["bias-test"], **common)
     assert refined.plan.count == 0 and refined.plan.spec == anp_onnx.PruneSpec.count(0)
     assert "bias-test" in refined.stages and sum(len(v) for v in refined.pruned.values()) == 0
+
+
+def test_finish_with_a_refinement_leaves_the_repairers_weights_as_they_were(registered, tmp_path):
+    """A refinement trains the torch weights in place; the Repairer (the app keeps one per model) gets the
+    original's back, so a later export without the refinement still verifies against the original."""
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(40)
+    rep = anp_onnx.Repairer.open(model)
+    before = {k: v.clone() for k, v in rep.net.state_dict().items()}
+    masks = {layer.name: np.ones(layer.size, dtype=np.float32) for layer in rep.layers}
+    plan = rep.plan(masks, anp_onnx.PruneSpec.count(0))
+    refined = rep.finish(plan, masks, tmp_path / "r.onnx", refinements=["bias-test"], refine_data=data,
+                         report=False, save_masks=False)
+    assert refined.refinements["bias-test"]["initializers"]
+    after = rep.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    plain = rep.finish(plan, masks, tmp_path / "p.onnx", verify_images=data, report=False, save_masks=False)
+    assert plain.export.changed_initializers == [] and plain.export.max_abs_diff < 1e-4
+    np.testing.assert_array_equal(ort_on(tmp_path / "p.onnx", data.x[:8]), ort_on(model, data.x[:8]))
