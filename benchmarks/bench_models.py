@@ -71,7 +71,7 @@ PUBLIC_ATTACK = {
 CLEAN = {"cifar10_small": ("onnx_clean/cifar10_small.onnx", "tf2onnx small CNN (2 conv, 3 FC)", "no BN")}
 #: Clean models trained by the samples' recipe without poison (benchmarks/probe_clean_model.py --save),
 #: bundled in sample_models/ with the samples' data: file -> normalisation.
-CLEAN_SAMPLES = {"clean_preact": "6 BN", "clean_preact_folded": "BN folded"}
+CLEAN_SAMPLES = {"clean_preact": "7 BN", "clean_preact_folded": "BN folded"}
 LEFT_OUT = {
     "mnist_cntk_2.5.1": "fixed batch of 1 and no documented preprocessing",
 }

@@ -144,6 +144,14 @@ def test_inspect_runs_the_probe_with_clean_data(models, tmp_path, capsys):
     assert "probe      not run" in capsys.readouterr().out
 
 
+def test_probe_names_no_target_on_the_clean_sample_model():
+    """The samples' network and recipe trained without poison (sample_models/clean_preact.onnx): no
+    false alarm, so the reference loop runs and the unlearning needs its own evidence."""
+    rep = Repairer.open(SAMPLES / "clean_preact.onnx")
+    probe = find_target(rep.net, rep.modules.values(), rep.load_data(SAMPLES / "data" / "clean_500.npz"))
+    assert probe.suspected_target is None, probe.describe()
+
+
 def test_probe_is_not_sure_enough_on_the_ibau_vgg():
     """The I-BAU VGG's errors lean to its target (8) but not clearly enough: no target is named, and
     anp-onnx keeps the reference's untargeted noise there (see benchmarks/README.md)."""

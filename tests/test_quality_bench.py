@@ -66,15 +66,16 @@ def test_attack_success_modes():
 
 def test_registry_skips_public_models_without_shared(tmp_path):
     reg = bench_models.bench_models(tmp_path)
-    assert [m.group for m in reg.models] == ["samples"] * 6
+    assert [m.group for m in reg.models] == ["samples"] * 6 + ["clean"] * 2  # the bundled clean PreActs
     public = [n for files in bench_models.PUBLIC.values() for n in files]
     assert len(public) == 8
     assert {n.removesuffix(".onnx") for n in public} | {"cifar10_small"} <= set(reg.missing)
     chosen, missing = reg.select(["public", "clean"])
-    assert chosen == [] and "kabu_simplecnn_checker_folded" in missing and "cifar10_small" in missing
+    assert [m.name for m in chosen] == ["clean_preact", "clean_preact_folded"]
+    assert "kabu_simplecnn_checker_folded" in missing and "cifar10_small" in missing
     chosen, missing = reg.select(["ibau_badnets_vgg", "kabu_simplecnn_checker"])
     assert [m.name for m in chosen] == ["ibau_badnets_vgg"] and list(missing) == ["kabu_simplecnn_checker"]
-    assert len(reg.select(None)[0]) == 6
+    assert len(reg.select(None)[0]) == 8
     with pytest.raises(KeyError):
         reg.select(["no_such_model"])
 
