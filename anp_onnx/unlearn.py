@@ -294,7 +294,8 @@ class UnlearnSettings:
 
 #: Unlearning runs only when a backdoor is suspected: the collapse probe named a target, or the scan's
 #: smallest patch is at least this anomalous (Neural Cleanse's index; 1.15 on the clean cifar10_small,
-#: 1.7-4.8 on the backdoored bench models without a probe target; benchmarks/README.md).
+#: 0.99 / 0.98 on the clean PreAct samples with BN kept / folded, 1.7-4.8 on the backdoored bench
+#: models without a probe target; benchmarks/README.md).
 ANOMALY_MIN = 1.5
 #: A round is kept only while held-out clean accuracy stays within this many points of the start.
 MAX_DROP_POINTS = 3.0
