@@ -144,8 +144,8 @@ class Repairer:
         """Neurons to prune. ``auto`` specs need the ``curve`` (see :meth:`pruning_curve`); with the
         ``refinements`` that will run after it, the spec is :func:`~anp_onnx.curve.effective_pruning`'s."""
         masks = match_masks(masks, self.layers)
-        if (effective := effective_pruning(spec, curve, refinements)) != spec:
-            _LOGGER.info("no backdoor signal went within the curve: nothing is pruned before the refinements")
+        if (effective := effective_pruning(spec, refinements)) != spec:
+            _LOGGER.info("the automatic choice prunes nothing before the refinements (benchmarks/README.md)")
             spec = effective
         if isinstance(spec, AutoPrune):
             if curve is None:
@@ -198,7 +198,7 @@ class Repairer:
                                  overwrite=kwargs.get("overwrite", False),
                                  replace_input=kwargs.get("replace_input", False))
         holdout = kwargs["evaluation"].holdout if "evaluation" in kwargs else None
-        if effective_pruning(plan.spec, kwargs.get("curve"), refinements) != plan.spec:  # planned without them
+        if effective_pruning(plan.spec, refinements) != plan.spec:  # planned without them
             plan = self.plan(masks, plan.spec, curve=kwargs.get("curve"), refinements=refinements)
         with self.ctx.weights_kept():  # refinements train the torch weights: this Repairer keeps the original's
             initializers, refined = refine(self.ctx, plan, refine_data, refinements,

@@ -132,8 +132,8 @@ class Session:
         return ("unlearn",) if self.unlearn and self.train is not None else ()
 
     def nothing_pruned_for_refinements(self) -> bool:
-        """The Prune step's automatic choice prunes nothing because the refinements will run and no backdoor
-        signal went on the curve (the library's rule, :func:`anp_onnx.effective_pruning`)."""
+        """The Prune step's automatic choice prunes nothing because the refinements will run (the library's
+        rule, :func:`anp_onnx.effective_pruning`)."""
         return self.plan is not None and self.choice is not None and self.plan.spec != self.choice
 
     def eval_set(self) -> tuple[Optional[anp_onnx.ImageSet], str]:

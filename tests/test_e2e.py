@@ -31,7 +31,7 @@ def test_planted_backdoor_is_removed(tmp_path, refinements):
     assert before.asr > 0.95 and before.accuracy > 0.9           # the backdoor works
     assert after.asr < 0.5 * before.asr                          # ... and is mostly gone
     assert after.accuracy > before.accuracy - 0.05               # clean accuracy stays close
-    if refinements and not result.curve.signal_gone:  # the budget fallback prunes nothing before unlearning
+    if refinements:  # with the unlearning, the automatic choice prunes nothing (anp_onnx.effective_pruning)
         assert result.plan.count == 0 and result.refinements["unlearn"]["initializers"] > 0
     else:
         assert 0 < result.plan.count < 0.25 * result.plan.total

@@ -33,7 +33,7 @@ def export_backdoored(qtbot, win, backdoored, out, count: int, unlearn: bool = F
     assert win.export_page.unlearn.isChecked()  # the default
     win.export_page.unlearn.setChecked(unlearn)
     win.export_page.output.setText(str(out))
-    with qtbot.waitSignal(win.export_page.exportFinished, timeout=TIMEOUT) as exported:
+    with qtbot.waitSignal(win.export_page.exportFinished, timeout=4 * TIMEOUT if unlearn else TIMEOUT) as exported:
         win.export_page.export()
     assert exported.args == ["done"]
     return win.export_page
@@ -72,7 +72,7 @@ def test_export_unlearns_the_suspected_trigger_when_asked(qtbot, win, backdoored
     assert "Unlearning (unlearn):" in page.result.text() and "PASSED" in page.file_verdict.text()
 
 
-def test_with_unlearning_an_automatic_choice_without_a_backdoor_signal_prunes_nothing(qtbot, win, files):
+def test_with_unlearning_the_automatic_choice_prunes_nothing(qtbot, win, files):
     """As on the command line (anp_onnx.effective_pruning): nothing pruned, said on both pages, then unlearning."""
     work, model, clean = files
     open_model(qtbot, win, model)
@@ -86,23 +86,21 @@ def test_with_unlearning_an_automatic_choice_without_a_backdoor_signal_prunes_no
     assert win.session.plan.count == 0 and prune.slider.value() == 0
     assert sum(prune.layer_view.pruned_counts().values()) == 0
     summary = prune.summary.text()
-    assert "No backdoor signal went on the curve" in summary and "no backdoor target was suspected" in summary
-    assert "nothing is pruned" in summary and "the unlearning repairs the model" in summary
+    assert "With unlearning on (Export step), the automatic choice prunes nothing" in summary
     assert f"the automatic choice prunes {curve.chosen.count} of 24 neurons" in summary
 
     # without the unlearning the automatic choice prunes its neurons, at once on both pages
     win.go_to("export")
     export.unlearn.setChecked(False)
     assert win.session.plan.count == curve.chosen.count == sum(prune.layer_view.pruned_counts().values())
-    assert "No backdoor signal" not in prune.summary.text() and "No backdoor signal" not in export.plan_label.text()
+    assert "With unlearning on" not in prune.summary.text() and "With unlearning on" not in export.plan_label.text()
     assert f"Will prune <b>{curve.chosen.count} of 24 neurons</b>" in export.plan_label.text()
-    # a suspected target whose signal did not go: the same rule, said so
-    win.session.curve = replace(curve, suspected_target=0, signal_gone=False)
+    # a suspected target whose signal went: the same rule (unlearning alone kept more accuracy on the bench)
+    win.session.curve = replace(curve, suspected_target=0, signal_gone=True)
     export.unlearn.setChecked(True)
     assert win.session.plan.count == 0 and sum(prune.layer_view.pruned_counts().values()) == 0
-    assert "the signal of suspected target 0 did not go" in prune.summary.text()
     label = export.plan_label.text()
-    assert "No backdoor signal went on the curve" in label and "nothing is pruned" in label
+    assert "the automatic choice prunes nothing" in label
     assert "Will prune <b>0 of 24 neurons</b>" in label
 
     out = work / "unlearnt.onnx"

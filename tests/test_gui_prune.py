@@ -52,6 +52,7 @@ def test_the_automatic_choice_shows_its_measured_accuracy_drop(qtbot, win, backd
     masks = {layer.name: rng.random(layer.size).astype(np.float32) for layer in win.session.info.neurons.layers}
     curve = prune_page_with_curve(qtbot, win, backdoored["model"], backdoored["clean"], masks)
     page = win.prune_page
+    win.export_page.unlearn.setChecked(False)  # with the unlearning the automatic choice prunes nothing
     page.budget.setValue(10.0)
     with qtbot.waitSignal(page.curveFinished, timeout=TIMEOUT):
         page.budget.editingFinished.emit()  # a new budget: the curve is measured again

@@ -137,7 +137,7 @@ def test_an_unknown_refinement_fails_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "r.onnx").exists()
 
 
-def test_finish_prunes_nothing_before_refinements_when_no_backdoor_signal_went(registered, tmp_path):
+def test_finish_prunes_nothing_before_refinements_after_an_automatic_choice(registered, tmp_path):
     """Repairer.finish applies repair()'s rule to a plan made without the refinements in mind."""
     model = tiny_model(tmp_path / "m.onnx")
     data = random_images(60)

@@ -116,7 +116,7 @@ class ExportPage(Page):
         if s.plan is None:
             self.plan_label.setText("<i>Choose what to prune at the Prune step first.</i>")
         elif s.nothing_pruned_for_refinements():
-            self.plan_label.setText(f"{nothing_pruned_note(s.curve)} Will prune <b>0 of {s.plan.total} neurons</b> "
+            self.plan_label.setText(f"{nothing_pruned_note()} Will prune <b>0 of {s.plan.total} neurons</b> "
                                     f"(the automatic choice alone: {s.curve.chosen.count}); masks: "
                                     f"{esc(s.masks_source)}.")
         else:
@@ -246,8 +246,8 @@ class ExportPage(Page):
                 f"<tr><td>{esc(name)}</td><td align='right'>{pct(x)}</td><td align='right'><b>{pct(y)}</b></td></tr>"
                 for name, x, y in rows) + "</table>"
         if result.plan.count == 0 and result.refinements and self.session.nothing_pruned_for_refinements():
-            text += ("<p>No neurons were pruned: no backdoor signal went on the pruning curve, so the unlearning "
-                     "alone repaired the model.</p>")
+            text += ("<p>No neurons were pruned: with unlearning on, the automatic choice prunes nothing, so the "
+                     "unlearning alone repaired the model.</p>")
         for name, facts in result.refinements.items():
             text += f"<p>Unlearning ({esc(name)}): {esc(anp_onnx.refinement_summary(facts))}.</p>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"

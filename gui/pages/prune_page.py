@@ -259,7 +259,7 @@ class PrunePage(Page):
         text = (f"Pruning <b>{plan.count} of {plan.total} neurons</b> ({share:.1%}) in {layers} layer(s): "
                 f"{esc(spec.describe())}")
         if s.nothing_pruned_for_refinements():
-            text = (f"{nothing_pruned_note(s.curve)} Without the unlearning, the automatic choice prunes "
+            text = (f"{nothing_pruned_note()} Without the unlearning, the automatic choice prunes "
                     f"{s.curve.chosen.count} of {plan.total} neurons")
         if plan.count:
             text += f"; highest pruned mask {self._threshold_for(plan.count):.3f}"
@@ -276,7 +276,7 @@ class PrunePage(Page):
         """The Export step's unlearning was switched on or off: the automatic choice may prune otherwise."""
         s = self.session
         if s.plan is not None and s.choice is not None and \
-                anp_onnx.effective_pruning(s.choice, s.curve, s.refinements()) != s.plan.spec:
+                anp_onnx.effective_pruning(s.choice, s.refinements()) != s.plan.spec:
             self._apply(s.choice, touched=False)
 
     @staticmethod
@@ -405,12 +405,11 @@ class PrunePage(Page):
         self.curveFinished.emit("done")
 
 
-def nothing_pruned_note(curve) -> str:
+def nothing_pruned_note() -> str:
     """Why the automatic choice prunes nothing before the unlearning (the library's effective_pruning), in HTML."""
-    why = (f"the signal of suspected target {curve.suspected_target} did not go" if curve.signal_gone is False
-           else "no backdoor target was suspected")
-    return (f"<span style='color:{WARN}'><b>No backdoor signal went on the curve</b></span> ({esc(why)}): with "
-            "unlearning on (Export step), <b>nothing is pruned</b>; the unlearning repairs the model.")
+    return (f"<span style='color:{WARN}'><b>With unlearning on (Export step), the automatic choice prunes "
+            "nothing</b></span>: on the development bench, unlearning the unpruned model kept more accuracy "
+            "than pruning first. Choose a count or a threshold to prune anyway.")
 
 
 def drop_text(baseline: float, point) -> str:
