@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
-from PySide6.QtCore import QObject, Qt, Signal, Slot
-from PySide6.QtGui import QFontDatabase
+from PySide6.QtCore import QEvent, QObject, Qt, Signal, Slot
+from PySide6.QtGui import QColor, QFontDatabase, QPalette
 from PySide6.QtWidgets import QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+
+from .theme import ERROR, WARN, readable
 
 LIBRARY_LOGGER = "anp_onnx"
 
@@ -37,18 +40,22 @@ class QtLogHandler(logging.Handler):
 
 
 class LogPanel(QWidget):
-    """Read-only text of what the library (and the app) logged, newest at the bottom."""
+    """Read-only text of what the library (and the app) logged, newest at the bottom; warnings and
+    errors in colours readable on the palette's background (re-coloured when the palette changes)."""
+
+    LINES = 5000
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setObjectName("logPanel")
+        self.lines: deque = deque(maxlen=self.LINES)  # (line, level): to show them again in a new palette
         self.text = QPlainTextEdit(self)
         self.text.setObjectName("logText")
         self.text.setReadOnly(True)
-        self.text.setMaximumBlockCount(5000)
+        self.text.setMaximumBlockCount(self.LINES)
         self.text.setFont(QFontDatabase.systemFont(QFontDatabase.SystemFont.FixedFont))
         clear = QPushButton("Clear", self)
-        clear.clicked.connect(self.text.clear)
+        clear.clicked.connect(self.clear)
         side = QVBoxLayout()
         side.addWidget(clear)
         side.addStretch(1)
@@ -69,11 +76,28 @@ class LogPanel(QWidget):
     def detach(self, name: str = LIBRARY_LOGGER) -> None:
         logging.getLogger(name).removeHandler(self.handler)
 
+    def clear(self) -> None:
+        self.lines.clear()
+        self.text.clear()
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt's name
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange) and \
+                hasattr(self, "text") and self.lines:
+            lines = list(self.lines)
+            self.clear()
+            for line, level in lines:
+                self.append(line, level)
+
     @Slot(str, int)
     def append(self, line: str, level: int = logging.INFO) -> None:
+        self.lines.append((line, level))
         style = "white-space:pre"
         if level >= logging.WARNING:
-            style += "; font-weight:bold; color:" + ("#b00020" if level >= logging.ERROR else "#a35200")
+            colour = QColor(ERROR if level >= logging.ERROR else WARN)  # readable on the text's background
+            # (the panel's palette: in a palette change it is new before the text box's is)
+            background = self.palette().color(QPalette.ColorRole.Base)
+            style += "; font-weight:bold; color:" + readable(colour, background).name()
         self.text.appendHtml(f"<span style='{style}'>{_escape(line)}</span>")
 
     def note(self, message: str) -> None:

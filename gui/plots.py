@@ -1,7 +1,8 @@
 """Matplotlib canvases (Qt backend): ANP losses, mask distribution, and the pruning curve.
 
-Their background, text, ticks and frames take the widget's palette (a dark desktop theme gives dark
-plots, and a palette change restyles them); the legends sit outside the axes, never over a curve.
+Their background, plot area, text, ticks, grid and frames take the widget's palette (a dark desktop
+theme gives dark plots, and a palette change, the application's included, restyles them); only the
+data colours are fixed. The legends sit outside the axes, never over a curve.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from matplotlib.figure import Figure
 from PySide6.QtCore import QEvent
 from PySide6.QtGui import QPalette
 from PySide6.QtWidgets import QSizePolicy, QWidget
+
+from .theme import muted_text
 
 _BLUE, _ORANGE, _GREEN, _RED, _GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#7f7f7f"
 
@@ -30,31 +33,37 @@ class PlotCanvas(FigureCanvasQTAgg):
         if margins:
             self.figure.subplots_adjust(**margins)
         super().__init__(self.figure)
+        self.setPalette(QPalette())  # matplotlib gives the canvas a white palette of its own: inherit instead
         self.setParent(parent)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
         self.setMinimumSize(260, 180)
         self.ax = self.figure.add_subplot(1, 1, 1)
-        self.note = self.figure.text(0.5, 0.5, "", ha="center", va="center", color=_GREY, wrap=True)
+        self.note = self.figure.text(0.5, 0.5, "", ha="center", va="center", wrap=True)
         self.style()
 
     def colours(self) -> dict[str, str]:
-        """The palette's colours for the figure: background, plot area, text, and the light lines."""
+        """The palette's colours for the figure: background, plot area, text, the light lines (frames,
+        grid), and secondary text on the figure (``note``) and in the plot area (``axes_note``)."""
         pal = self.palette()
         name = lambda role: pal.color(role).name()  # noqa: E731
         return {"figure": name(QPalette.ColorRole.Window), "axes": name(QPalette.ColorRole.Base),
-                "text": name(QPalette.ColorRole.WindowText), "muted": name(QPalette.ColorRole.Mid)}
+                "text": name(QPalette.ColorRole.WindowText), "muted": name(QPalette.ColorRole.Mid),
+                "note": muted_text(pal).name(), "axes_note": muted_text(pal, QPalette.ColorRole.Base).name()}
 
     def style(self) -> None:
         """Apply the palette to the figure, every axes and the legends (after each redraw of the axes)."""
         c = self.colours()
         self.figure.set_facecolor(c["figure"])
+        self.note.set_color(c["note"])
         for ax in self.figure.axes:
             ax.set_facecolor(c["axes"])
-            ax.tick_params(colors=c["text"], which="both")
+            ax.tick_params(colors=c["text"], grid_color=c["text"], which="both")
             for spine in ax.spines.values():
                 spine.set_edgecolor(c["muted"])
             for text in (ax.xaxis.label, ax.yaxis.label, ax.title):
                 text.set_color(c["text"])
+            for text in ax.texts:  # notes inside the plot area
+                text.set_color(c["axes_note"])
         for legend in [*self.figure.legends, *(ax.get_legend() for ax in self.figure.axes)]:
             if legend is not None:
                 legend.get_frame().set_facecolor(c["axes"])
@@ -64,7 +73,8 @@ class PlotCanvas(FigureCanvasQTAgg):
 
     def changeEvent(self, event: QEvent) -> None:
         super().changeEvent(event)
-        if event.type() == QEvent.Type.PaletteChange:
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange) and \
+                hasattr(self, "note"):  # (matplotlib sets a palette before the figure is made)
             self.style()
             self.draw_idle()
 
@@ -100,7 +110,7 @@ class LossPlot(PlotCanvas):
         }
         self.ax.set_xlabel("iteration")
         self.ax.set_ylabel("cross-entropy loss")
-        self.ax.grid(True, alpha=0.3)
+        self.ax.grid(True, alpha=0.2)
         self.acc_ax.set_ylim(0, 1.02)
         self.acc_ax.set_ylabel("accuracy")
         self.legend = self.ax.legend(list(self.lines.values()), [line.get_label() for line in self.lines.values()],
@@ -161,13 +171,18 @@ class MaskHistogram(PlotCanvas):
         super().__init__(parent, margins=dict(left=0.13, right=0.96, bottom=0.15, top=0.9))
         self.placeholder("The distribution of mask values appears here")
 
+    def style(self) -> None:
+        super().style()
+        for patch in self.ax.patches:  # the bars are set apart by the plot area's colour
+            patch.set_edgecolor(self.colours()["axes"])
+
     def show_masks(self, masks: dict, threshold: Optional[float] = None, step: Optional[int] = None) -> None:
         values = np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in masks.values()]) if masks else \
             np.zeros(0, np.float32)
         ax = self.ax
         ax.clear()
         self._axes_on()
-        counts, edges, patches = ax.hist(values, bins=self.BINS, color=_BLUE, edgecolor="white")
+        counts, edges, patches = ax.hist(values, bins=self.BINS, color=_BLUE)
         if threshold is not None:
             for patch, left in zip(patches, edges[:-1]):
                 if left < threshold:
@@ -179,7 +194,7 @@ class MaskHistogram(PlotCanvas):
         ax.set_ylabel("neurons")
         title = f"Mask values of {len(values)} neurons"
         ax.set_title(title + (f" (iteration {step})" if step else ""), fontsize="medium")
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, alpha=0.2)
         self.style()
         self.draw_idle()
 
@@ -220,13 +235,13 @@ class PruningCurvePlot(PlotCanvas):
         self.current_line = ax.axvline(0, color=_GREY, linewidth=1.5, visible=False, label="_your choice")
         self.unmeasured = None
         self.unmeasured_note = ax.text(0.99, 0.02, "not measured beyond here", transform=ax.transAxes, ha="right",
-                                       va="bottom", fontsize="small", color=_GREY, visible=False)
+                                       va="bottom", fontsize="small", visible=False)
         self.measured_to = max(counts, default=0)
         ax.set_ylim(-0.02, 1.05)
         self._set_right(self.measured_to)
         ax.set_xlabel("neurons pruned (lowest masks first)" + (f", of {total}" if total else ""))
         ax.set_ylabel("rate")
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, alpha=0.2)
         for old in list(self.figure.legends):
             old.remove()
         self.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize="small",

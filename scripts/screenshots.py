@@ -4,10 +4,12 @@
     QT_QPA_PLATFORM=offscreen python scripts/screenshots.py --tiny     # a tiny random model, seconds
 
 Drives gui.main_window.MainWindow through Model -> Data -> Settings -> Run -> Prune -> Export and
-saves docs/screenshots/01_model.png ... 06_export.png. With sample_models/ present it repairs
-sample_models/badnets_preact.onnx with the bundled clean images and (subsets of) the bundled test
-sets; otherwise, or with --tiny, it builds a tiny model and random images. Everything written
-(settings, exported model) goes to a temporary folder. Re-run it whenever the UI changes.
+saves docs/screenshots/01_model.png ... 06_export.png in the default (light) palette, and the Prune
+step once more in a dark palette (gui.theme.dark_palette): 05_prune_dark.png (--no-dark: not). With
+sample_models/ present it repairs sample_models/badnets_preact.onnx with the bundled clean images
+and (subsets of) the bundled test sets; otherwise, or with --tiny, it builds a tiny model and random
+images. Everything written (settings, exported model) goes to a temporary folder. It prints what
+the Prune and Export steps said (the figures the README quotes). Re-run it whenever the UI changes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="ANP batch size")
     p.add_argument("--test-images", type=int, default=300, help="images kept from each bundled test set")
     p.add_argument("--size", default="1280x860", help="window size, WIDTHxHEIGHT")
+    p.add_argument("--no-dark", action="store_true", help="do not write 05_prune_dark.png")
     return p.parse_args()
 
 
@@ -151,6 +154,15 @@ def main() -> int:
         check()
         win.prune_page.use_automatic()
         shot("05_prune.png")
+        if not args.no_dark:  # the same window in a dark theme: what follows the palette changes with it
+            from gui.theme import dark_palette
+
+            light = app.palette()
+            app.setPalette(dark_palette())
+            shot("05_prune_dark.png")
+            app.setPalette(light)
+        print(f"prune: {win.prune_page.summary.text()}", flush=True)
+        print(f"curve: {win.prune_page.curve_info.text()}", flush=True)
 
         win.go_to("export")
         win.export_page.output.setText(str(tmp / f"{paths['model'].stem}_repaired.onnx"))
@@ -158,6 +170,8 @@ def main() -> int:
         wait(idle)
         check()
         shot("06_export.png")
+        for label in (win.export_page.file_verdict, win.export_page.repair_verdict, win.export_page.result):
+            print(f"export: {label.text()}", flush=True)
         win.close()
     return 0
 

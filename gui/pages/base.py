@@ -5,16 +5,15 @@ from __future__ import annotations
 import html
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QEvent, Qt
 from PySide6.QtWidgets import QFrame, QLabel, QVBoxLayout, QWidget
+
+from ..theme import ERROR, GOOD, MUTED, WARN, themed_html
 
 if TYPE_CHECKING:
     from ..main_window import MainWindow
 
-#: Text colours: a warning (the user should look), an error, a success.
-WARN = "#b35900"
-ERROR = "#b00020"
-GOOD = "#1a7f37"
+__all__ = ["ERROR", "GOOD", "MUTED", "WARN", "Page", "RichLabel", "bullet_list", "esc", "pct", "rich"]
 
 
 class Page(QWidget):
@@ -28,9 +27,9 @@ class Page(QWidget):
         self.win = window
         outer = QVBoxLayout(self)
         outer.setContentsMargins(12, 8, 12, 8)
-        head = QLabel(f"<h2 style='margin:0'>{html.escape(self.title)}</h2>"
-                      f"<span style='color:#555'>{html.escape(self.subtitle)}</span>", self)
-        head.setTextFormat(Qt.TextFormat.RichText)
+        head = RichLabel(f"<h2 style='margin:0'>{html.escape(self.title)}</h2>"
+                         f"<span style='color:{MUTED}'>{html.escape(self.subtitle)}</span>", self)
+        head.setObjectName("pageHead")
         head.setWordWrap(True)
         outer.addWidget(head)
         line = QFrame(self)
@@ -58,9 +57,34 @@ class Page(QWidget):
         """Disable the page's actions while a task runs."""
 
 
+class RichLabel(QLabel):
+    """A rich-text label whose status and secondary-text colours (``WARN``, ``ERROR``, ``GOOD``,
+    ``MUTED`` in ``style='color:…'``) are shown in the palette's readable version of them, and
+    re-shown when the palette changes (a dark theme gets light text colours)."""
+
+    def __init__(self, text: str = "", parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self._source = ""
+        self.setTextFormat(Qt.TextFormat.RichText)
+        self.setText(text)
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt's name
+        self._source = text
+        super().setText(themed_html(text, self.palette()))
+
+    def source(self) -> str:
+        """The text as the page gave it, before the palette's colours."""
+        return self._source
+
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt's name
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange) and \
+                hasattr(self, "_source"):
+            super().setText(themed_html(self._source, self.palette()))
+
+
 def rich(parent: Optional[QWidget] = None, text: str = "", name: str = "") -> QLabel:
-    label = QLabel(text, parent)
-    label.setTextFormat(Qt.TextFormat.RichText)
+    label = RichLabel(text, parent)
     label.setWordWrap(True)
     label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     if name:

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (
 import anp_onnx
 from anp_onnx import DEFAULT_HOLDOUT, PRESETS
 
-from .base import Page, esc, pct, rich
+from .base import ERROR, GOOD, MUTED, Page, esc, pct, rich
 from .widgets import PathRow, ThumbnailStrip
 
 PRESET_LABELS = {
@@ -85,7 +85,7 @@ class DataPage(Page):
                                "not know it: the backdoored model's most frequent prediction is used.")
         self.target.valueChanged.connect(self._target_changed)
         form2.addRow("Target class", self.target)
-        self.test_info = rich(right, "<span style='color:#555'>Triggered images keep their true labels; the "
+        self.test_info = rich(right, f"<span style='color:{MUTED}'>Triggered images keep their true labels; the "
                                      "trigger is already applied.</span>", "testInfo")
         form2.addRow("", self.test_info)
         top.addWidget(right, 1)
@@ -155,9 +155,9 @@ class DataPage(Page):
         try:
             pre = self.preprocessing()
         except anp_onnx.AnpOnnxError as exc:
-            self.pre_label.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            self.pre_label.setText(f"<span style='color:{ERROR}'>{esc(exc)}</span>")
             return
-        self.pre_label.setText(f"<span style='color:#555'>{esc(pre.describe())}</span>")
+        self.pre_label.setText(f"<span style='color:{MUTED}'>{esc(pre.describe())}</span>")
         if self.preset.currentData() != "model":
             self.settings.set("data/preset", self.preset.currentData())
         self.settings.set("data/custom", self.custom.text())
@@ -306,6 +306,6 @@ class DataPage(Page):
         if s.holdout is not None:
             text += f"; ANP uses {len(s.train)}, {len(s.holdout)} kept aside"
         if s.data_parity is not None:
-            text += (f"<br>Conversion check on these images: <b style='color:#1a7f37'>passed</b> "
+            text += (f"<br>Conversion check on these images: <b style='color:{GOOD}'>passed</b> "
                      f"(largest difference {s.data_parity:.1e})")
         self.clean_info.setText(text)

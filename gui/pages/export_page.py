@@ -20,7 +20,7 @@ from anp_onnx import RepairResult, default_masks_path, mask_values_path, report_
 
 from ..dialogs import confirm
 from ..verdict import judge
-from .base import ERROR, GOOD, WARN, Page, esc, pct, rich
+from .base import ERROR, GOOD, MUTED, WARN, Page, esc, pct, rich
 from .prune_page import nothing_pruned_note
 
 
@@ -224,7 +224,7 @@ class ExportPage(Page):
             f"written, checked by onnx and verified in onnxruntime: it gives the outputs of the pruned model "
             f"(largest difference {diff:.1e}).")
         verdict = judge(result)
-        colour = {True: GOOD, False: WARN, None: "#555"}[verdict.good]
+        colour = {True: GOOD, False: WARN, None: MUTED}[verdict.good]
         lines = [f"<span style='color:{WARN}'>⚠ {esc(w)}</span>" for w in verdict.warnings] + \
             [f"✓ {esc(f)}" for f in verdict.findings]
         self.repair_verdict.setText(

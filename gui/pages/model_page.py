@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
 import anp_onnx
 from anp_onnx import ConversionError
 
-from .base import Page, bullet_list, esc, rich
+from .base import ERROR, GOOD, MUTED, Page, bullet_list, esc, rich
 from .layers import LayerView
 
 KIND_NAMES = {"batchnorm": "batch normalisation channels", "conv": "convolution/linear output channels"}
@@ -167,7 +167,7 @@ class ModelPage(Page):
                                  "layers. The file you open is never modified.</p>")
             self.layers.set_layers(())
             return
-        self.path_label.setText(f"<b>{esc(info.path.name)}</b> &nbsp; <span style='color:#555'>"
+        self.path_label.setText(f"<b>{esc(info.path.name)}</b> &nbsp; <span style='color:{MUTED}'>"
                                 f"{esc(info.path.parent)}</span>")
         self.summary.setText(summary_html(info, self.session.random_parity, self.session.conversion_problem,
                                           self.session.data_parity))
@@ -192,9 +192,9 @@ def summary_html(info: anp_onnx.ModelInfo, parity, problem: str, data_parity=Non
                       for k, (layers, n) in info.neurons.by_kind().items())
     rows.append(("Neurons", f"<b>{info.neurons.total}</b> that ANP can prune ({esc(kinds)})"))
     if problem:
-        check = f"<b style='color:#b00020'>FAILED</b>: {esc(problem)}. The model cannot be repaired reliably."
+        check = f"<b style='color:{ERROR}'>FAILED</b>: {esc(problem)}. The model cannot be repaired reliably."
     else:
-        check = (f"<b style='color:#1a7f37'>passed</b>: the PyTorch copy anp-onnx works on and onnxruntime give "
+        check = (f"<b style='color:{GOOD}'>passed</b>: the PyTorch copy anp-onnx works on and onnxruntime give "
                  f"the same outputs (largest difference {parity:.1e} on {RANDOM_IMAGES} random images).")
         if data_parity is not None:
             check += f" On your data: largest difference {data_parity:.1e}."

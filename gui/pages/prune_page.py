@@ -15,7 +15,7 @@ from anp_onnx import DEFAULT_SIGNAL_MAX_DROP, REFERENCE_THRESHOLD, PruneSpec, ra
 
 from ..plots import PruningCurvePlot
 from ..stages import StageClock, duration
-from .base import WARN, Page, esc, pct, rich
+from .base import ERROR, WARN, Page, esc, pct, rich
 from .layers import LayerView
 from .widgets import NeuronTable
 
@@ -249,7 +249,7 @@ class PrunePage(Page):
         try:  # with the export's refinements: the library may prune nothing before them (effective_pruning)
             plan = s.repairer.plan(s.masks, spec, tiebreak=s.mean_masks, curve=s.curve, refinements=s.refinements())
         except anp_onnx.AnpOnnxError as exc:
-            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            self.summary.setText(f"<span style='color:{ERROR}'>{esc(exc)}</span>")
             return
         s.plan, s.choice, s.export = plan, spec, None
         if spec.mode == "auto":

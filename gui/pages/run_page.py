@@ -13,7 +13,7 @@ from anp_onnx import REFERENCE_THRESHOLD, PruneSpec
 
 from ..plots import LossPlot, MaskHistogram
 from ..stages import StageClock, duration, stage_name
-from .base import Page, esc, rich
+from .base import ERROR, Page, esc, rich
 
 REDRAW_SECONDS = 0.5  # live plots: at most two redraws a second
 
@@ -86,7 +86,7 @@ class RunPage(Page):
         try:
             config = s.run_config()
         except anp_onnx.AnpOnnxError as exc:
-            self.summary.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            self.summary.setText(f"<span style='color:{ERROR}'>{esc(exc)}</span>")
             return
         if s.train is None:
             self.summary.setText("<i>Load clean images at the Data step first (or load saved masks).</i>")
@@ -182,7 +182,7 @@ class RunPage(Page):
     def _failed(self, failure) -> None:
         self.state = "failed"
         self.eta.setText("Failed.")
-        self.result.setText(f"<span style='color:#b00020'><b>Failed:</b> {esc(failure.message)}</span>"
+        self.result.setText(f"<span style='color:{ERROR}'><b>Failed:</b> {esc(failure.message)}</span>"
                             + self._keep_previous())
         self.set_busy(False)
         self.runFinished.emit("failed")

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
 import anp_onnx
 from anp_onnx import ANPConfig
 
-from .base import Page, esc, rich
+from .base import ERROR, Page, esc, rich
 
 HELP = {
     "iterations": "How many optimisation steps to take; each looks at one batch of clean images. More steps "
@@ -218,7 +218,7 @@ class SettingsPage(Page):
         try:
             config = self.config()
         except anp_onnx.AnpOnnxError as exc:
-            self.problem.setText(f"<span style='color:#b00020'>{esc(exc)}</span>")
+            self.problem.setText(f"<span style='color:{ERROR}'>{esc(exc)}</span>")
             s.anp_config, s.anp_problem = None, str(exc)
             self.configChanged.emit()
             return
@@ -229,7 +229,7 @@ class SettingsPage(Page):
             resolved = config.resolve()
             where = f"{resolved.iterations:,} iterations on {resolved.device}"
         except anp_onnx.AnpOnnxError as exc:
-            where = f"<span style='color:#b00020'>{esc(exc)}</span>"
+            where = f"<span style='color:{ERROR}'>{esc(exc)}</span>"
         self.device_label.setText(f"Detected: <b>{esc(detected_device())}</b><br>This run: {where}")
         self.configChanged.emit()
 

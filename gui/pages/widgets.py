@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PySide6.QtCore import QSize, Qt
+from PySide6.QtCore import QEvent, QSize, Qt
 from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import (
     QAbstractItemView, QComboBox, QHBoxLayout, QHeaderView, QLineEdit, QListView, QListWidget, QListWidgetItem,
@@ -14,6 +14,8 @@ from PySide6.QtWidgets import (
 )
 
 import anp_onnx
+
+from ..theme import pruned_row
 
 ICON = 56
 
@@ -133,7 +135,8 @@ class PathRow(QWidget):
 
 
 class NeuronTable(QWidget):
-    """The lowest-mask neurons, all layers or one, marking those the current plan prunes."""
+    """The lowest-mask neurons, all layers or one, marking those the current plan prunes ("yes", on a
+    red tint of the palette's base colour with the palette's text colour: readable in a dark theme too)."""
 
     ROWS = 200
 
@@ -174,8 +177,15 @@ class NeuronTable(QWidget):
         self.pruned = {(name, int(i)) for name, idx in plan.pruned.items() for i in idx} if plan is not None else set()
         self.fill()
 
+    def changeEvent(self, event: QEvent) -> None:  # noqa: N802 - Qt's name
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.PaletteChange, QEvent.Type.ApplicationPaletteChange) and \
+                hasattr(self, "table"):
+            self.fill()  # the pruned rows' colours come from the palette
+
     def fill(self) -> None:
         layer = self.layer_filter.currentData()
+        background, foreground = pruned_row(self.palette())  # (the table's is updated after this widget's)
         rows = [n for n in self.ranked if layer is None or n.layer == layer][:self.ROWS]
         self.table.setRowCount(len(rows))
         for r, n in enumerate(rows):
@@ -185,6 +195,7 @@ class NeuronTable(QWidget):
                 if c in (1, 2):
                     item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 if cut:
-                    item.setForeground(Qt.GlobalColor.darkRed)
+                    item.setBackground(background)
+                    item.setForeground(foreground)
                 item.setToolTip(f"{n.layer}, neuron {n.index}: mask {n.mask:.6f}")
                 self.table.setItem(r, c, item)
