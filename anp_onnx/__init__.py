@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "CollapseProbe": "collapse",
     "RepairContext": "context",
     "CurvePoint": "curve", "PruningCurve": "curve", "effective_pruning": "curve",
+    "pruning_after_refinements": "curve",
     "ImageSet": "data", "load_images": "data",
     "Preprocessing": "preprocessing", "PRESETS": "preprocessing",
     "AnpOnnxError": "errors", "Cancelled": "errors", "ConversionError": "errors", "DataError": "errors",

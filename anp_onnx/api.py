@@ -4,11 +4,10 @@
 >>> result = anp_onnx.repair("model.onnx", "clean/", out="repaired.onnx")
 >>> result.plan.count, result.output
 
-Both run the pipeline of docs/ARCHITECTURE.md, one stage module per step: load
-(:mod:`~anp_onnx.model`) -> convert and find neurons (:mod:`~anp_onnx.context`) -> parity ->
-calibrate -> probe -> mask stage (:mod:`~anp_onnx.learn`) -> rank (:mod:`~anp_onnx.prune`) ->
-curve and choice (:mod:`~anp_onnx.sweep`) -> write back, verify, evaluate, report
-(:mod:`~anp_onnx.finish`). The CLI and the desktop app are thin layers over these functions.
+Both run the pipeline of docs/ARCHITECTURE.md, one stage module per step: load (:mod:`~anp_onnx.model`) ->
+convert and find neurons (:mod:`~anp_onnx.context`) -> parity -> calibrate -> probe -> mask stage
+(:mod:`~anp_onnx.learn`) -> rank (:mod:`~anp_onnx.prune`) -> curve and choice (:mod:`~anp_onnx.sweep`) ->
+refine -> write back, verify, evaluate, report (:mod:`~anp_onnx.finish`). The CLI and the app are thin layers.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from .calibrate import calibrate, current_centres, set_centres
 from .collapse import find_target, probe_supported
 from .context import open_context
 from .convert import parity
-from .curve import PruningCurve, effective_pruning
+from .curve import PruningCurve, effective_pruning, pruning_after_refinements
 from .data import ImageSet, load_images
 from .errors import SettingsError
 from .evaluate import EvalResult, evaluate
@@ -44,7 +43,6 @@ from .progress import CancelToken, ProgressCallback
 from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_masks, plan_from_neurons, \
     plan_pruning, rank_neurons
 from .results import ExportResult, ModelInfo, RepairResult
-from . import unlearn as _unlearn  # noqa: F401  (registers the "unlearn" refinement)
 from .stages import get_refinement, mask_stage_for
 from .sweep import measure_curve
 
@@ -146,7 +144,7 @@ class Repairer:
         masks = match_masks(masks, self.layers)
         if (effective := effective_pruning(spec, refinements)) != spec:
             _LOGGER.info("the automatic choice prunes nothing before the refinements (benchmarks/README.md)")
-            spec = effective
+            return replace(plan_pruning(masks, effective, tiebreak), asked=spec)
         if isinstance(spec, AutoPrune):
             if curve is None:
                 raise SettingsError("automatic pruning needs a pruning curve on held-out clean data")
@@ -197,14 +195,16 @@ class Repairer:
         outputs = repair_outputs(self.model, out, masks_path=masks_path, report=kwargs.get("report", True),
                                  overwrite=kwargs.get("overwrite", False),
                                  replace_input=kwargs.get("replace_input", False))
-        holdout = kwargs["evaluation"].holdout if "evaluation" in kwargs else None
-        if effective_pruning(plan.spec, refinements) != plan.spec:  # planned without them
-            plan = self.plan(masks, plan.spec, curve=kwargs.get("curve"), refinements=refinements)
+        asked, curve = plan.asked or plan.spec, kwargs.get("curve")
+        if effective_pruning(asked, refinements) != plan.spec:  # planned without them
+            plan = self.plan(masks, asked, curve=curve, refinements=refinements)
         with self.ctx.weights_kept():  # refinements train the torch weights: this Repairer keeps the original's
-            initializers, refined = refine(self.ctx, plan, refine_data, refinements,
-                                           target=getattr(opt, "target", None), device=getattr(opt, "device", "cpu"),
-                                           holdout=holdout, progress=progress,
-                                           cancel=cancel) if refinements else ({}, [])
+            initializers, refined = refine(
+                self.ctx, plan, refine_data, refinements, target=getattr(opt, "target", None),
+                device=getattr(opt, "device", "cpu"), holdout=getattr(kwargs.get("evaluation"), "holdout", None),
+                progress=progress, cancel=cancel) if refinements else ({}, [])
+            if pruning_after_refinements(asked, curve, refinements, bool(initializers)) != plan.spec:
+                plan = self.plan(masks, asked, curve=curve)  # they changed nothing: the signal rule prunes
             return finish(self.ctx, plan, masks, Path(out), masks_path=masks_path, model_facts=self.model_facts(),
                           parity=self.parity, outputs=outputs, initializers=initializers,
                           refined=refinement_facts(refinements, refined), **kwargs)
@@ -328,6 +328,9 @@ def repair(
     _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, plan.spec.describe())
     initializers, refined = refine(rep.ctx, plan, clean, refinements, target=result.target, device=result.device,
                                    seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
+    if pruning_after_refinements(pruning, curve, refinements, bool(initializers)) != plan.spec:
+        plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)  # the signal rule
+        _LOGGER.info("the refinements changed no weight: the backdoor signal's rule prunes %d neurons", plan.count)
     return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
                   masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),

@@ -32,6 +32,7 @@ from .prune import PrunePlan
 from .report import report_paths, write_report
 from .results import RepairResult
 from .stages import RefinementResult, get_refinement
+from . import unlearn as _unlearn  # noqa: F401,E402  (registers the "unlearn" refinement)
 
 
 @dataclass(frozen=True)

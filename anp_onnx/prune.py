@@ -180,6 +180,7 @@ class PrunePlan:
     pruned: Mapping[str, np.ndarray]
     spec: PruneSpec
     total: int
+    asked: Optional[PruneSpec] = None  # the automatic choice ``spec`` stands for until the refinements ran
 
     @property
     def count(self) -> int:

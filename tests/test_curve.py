@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import anp_onnx
-from anp_onnx.curve import compute_curve, effective_pruning, grid_counts
+from anp_onnx.curve import compute_curve, effective_pruning, grid_counts, pruning_after_refinements
 from anp_onnx.errors import SettingsError
 from anp_onnx.prune import PruneSpec, RankedNeuron, rank_neurons
 from builders import add_trigger, synthetic_images, train_backdoored
@@ -46,6 +46,25 @@ def test_refinements_after_an_automatic_choice_prune_nothing_first():
     assert effective_pruning(auto, ()) is auto  # no refinements: the automatic choice stands
     for spec in (PruneSpec.count(7), PruneSpec.threshold(0.2), PruneSpec.fraction(0.1)):
         assert effective_pruning(spec, ["unlearn"]) is spec  # the user's own choice stands
+
+
+def test_refinements_that_changed_nothing_give_the_signal_rule_back():
+    """pruning_after_refinements: the automatic choice prunes after all only when the refinements changed
+    no weight and the curve's backdoor signal went."""
+    ranking, acc = _ranking(100), lambda k: 0.9 - 0.0001 * k
+    unsuspected = compute_curve(ranking, _evaluator(acc), n_images=100)
+    stays = compute_curve(ranking, _evaluator(acc, signal_of_count=lambda k: 0.5), n_images=100, suspected_target=3)
+    goes = compute_curve(ranking, _evaluator(acc, signal_of_count=lambda k: 0.5 if k < 30 else 0.0), n_images=100,
+                         suspected_target=3)
+    assert unsuspected.signal_gone is None and stays.signal_gone is False and goes.signal_gone is True
+    auto, zero = PruneSpec.auto(), PruneSpec.count(0)
+    assert pruning_after_refinements(auto, goes, ["unlearn"], changed=False) is auto
+    assert pruning_after_refinements(auto, goes, ["unlearn"], changed=True) == zero
+    for curve in (unsuspected, stays, None):
+        assert pruning_after_refinements(auto, curve, ["unlearn"], changed=False) == zero
+    assert pruning_after_refinements(auto, goes, (), changed=False) is auto
+    count = PruneSpec.count(7)
+    assert pruning_after_refinements(count, goes, ["unlearn"], changed=False) is count
 
 
 def test_choice_is_exact_largest_count_within_budget():

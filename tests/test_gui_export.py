@@ -110,8 +110,11 @@ def test_with_unlearning_the_automatic_choice_prunes_nothing(qtbot, win, files):
         export.export()
     assert exported.args == ["done"]
     result = export.last_result
-    assert result.plan.count == 0 and "unlearn" in result.stages and zero_scales(out) == 0
-    assert "No neurons were pruned" in export.result.text()
+    # on this toy the unlearning skips itself (nothing suspected by its scan): it changed no weight, and
+    # the backdoor signal went on the curve, so the automatic choice prunes after all (pruning_after_refinements)
+    assert result.refinements["unlearn"]["initializers"] == 0 and "unlearn" in result.stages
+    assert result.plan.count == curve.chosen.count == zero_scales(out)
+    assert f"pruned its {curve.chosen.count} neurons" in export.result.text()
     assert not visible_errors(win)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -64,12 +64,23 @@ class HiddenChange(ClassifierBias):
     honest = False
 
 
+class NoChange(Refinement):
+    """Changes no weight (as an unlearning whose every round failed its guard)."""
+
+    name = "nochange-test"
+    description = "change nothing (test)"
+
+    def run(self, ctx, plan, clean, *, target=None, device="cpu", seed=0, holdout=None, progress=None,
+            cancel=None) -> RefinementResult:
+        return RefinementResult({}, {"rounds": 0.0})
+
+
 @pytest.fixture()
 def registered():
-    for cls in (RandomStage, ClassifierBias, HiddenChange):
+    for cls in (RandomStage, ClassifierBias, HiddenChange, NoChange):
         (register_mask_stage if issubclass(cls, MaskStage) else register_refinement)(cls)
     yield
-    for cls in (RandomStage, ClassifierBias, HiddenChange):
+    for cls in (RandomStage, ClassifierBias, HiddenChange, NoChange):
         unregister(cls.name)
 
 
@@ -155,6 +166,15 @@ def test_finish_prunes_nothing_before_refinements_after_an_automatic_choice(regi
     refined = rep.finish(plan, masks, tmp_path / "r.onnx", refinements=["bias-test"], **common)
     assert refined.plan.count == 0 and refined.plan.spec == anp_onnx.PruneSpec.count(0)
     assert "bias-test" in refined.stages and sum(len(v) for v in refined.pruned.values()) == 0
+    # a refinement that changed nothing: only a backdoor signal that went brings the automatic choice back
+    assert rep.finish(plan, masks, tmp_path / "n.onnx", refinements=["nochange-test"], **common).plan.count == 0
+    gone = replace(curve, suspected_target=0, signal_gone=True)
+    planned = rep.plan(masks, auto, curve=gone, refinements=["nochange-test"])  # as the app plans it
+    assert planned.count == 0 and planned.asked == auto
+    again = rep.finish(planned, masks, tmp_path / "g.onnx", refinements=["nochange-test"], **{**common, "curve": gone})
+    assert again.plan.count == curve.chosen.count and again.plan.spec == auto
+    kept = rep.finish(planned, masks, tmp_path / "k.onnx", refinements=["bias-test"], **{**common, "curve": gone})
+    assert kept.plan.count == 0
 
 
 def test_finish_with_a_refinement_leaves_the_repairers_weights_as_they_were(registered, tmp_path):

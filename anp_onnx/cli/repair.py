@@ -32,8 +32,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--refine", choices=["unlearn", "none"], default=None,
                    help="after the pruning: unlearn = reconstruct a trigger for the suspected target (and the class "
                         "a per-class scan finds) and unlearn it, changing weights (default; the automatic choice "
-                        "then prunes only when the backdoor signal goes); none = pruning only (the default with "
-                        "--reference)")
+                        "then prunes nothing, a --count or --threshold still prunes); none = pruning only (the "
+                        "default with --reference)")
     neuron_options(p)
     anp_options(p)
     pruning_options(p, auto_default=True)

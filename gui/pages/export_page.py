@@ -248,6 +248,9 @@ class ExportPage(Page):
         if result.plan.count == 0 and result.refinements and self.session.nothing_pruned_for_refinements():
             text += ("<p>No neurons were pruned: with unlearning on, the automatic choice prunes nothing, so the "
                      "unlearning alone repaired the model.</p>")
+        elif result.plan.count and result.refinements and self.session.nothing_pruned_for_refinements():
+            text += (f"<p>The unlearning changed no weight, so the automatic choice pruned its "
+                     f"{result.plan.count} neurons (the backdoor signal went on the curve).</p>")
         for name, facts in result.refinements.items():
             text += f"<p>Unlearning ({esc(name)}): {esc(anp_onnx.refinement_summary(facts))}.</p>"
         text += "<p>Files written:</p><ul>" + "".join(f"<li>{esc(f)}</li>" for f in result.files) + "</ul>"

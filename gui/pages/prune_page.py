@@ -409,7 +409,9 @@ def nothing_pruned_note() -> str:
     """Why the automatic choice prunes nothing before the unlearning (the library's effective_pruning), in HTML."""
     return (f"<span style='color:{WARN}'><b>With unlearning on (Export step), the automatic choice prunes "
             "nothing</b></span>: on the development bench, unlearning the unpruned model kept more accuracy "
-            "than pruning first. Choose a count or a threshold to prune anyway.")
+            "than pruning first (if the unlearning changes no weight and the backdoor signal went on the "
+            "curve, the automatic choice's neurons are pruned after all). Choose a count or a threshold to "
+            "prune anyway.")
 
 
 def drop_text(baseline: float, point) -> str:
