@@ -587,7 +587,8 @@ def test_optimize_on_one_class_is_refused(files) -> None:
 
 
 _BLOCK_TORCH = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job inherits SIG_IGN)
 class Block:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
