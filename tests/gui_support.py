@@ -93,6 +93,18 @@ def linear_masks(win) -> dict:
     return {layer.name: np.linspace(0.0, 1.0, layer.size, dtype=np.float32) for layer in layers}
 
 
+def prune_page_with_curve(qtbot, win, model, clean, masks=None, opener=open_model):
+    """Open ``model`` (with ``opener``), load ``clean``, use ``masks`` (default :func:`linear_masks`) and open
+    the Prune step; returns the pruning curve it measured."""
+    opener(qtbot, win, model)
+    load_clean(qtbot, win, clean)
+    win.run_page.use_masks(masks or linear_masks(win), "test masks")
+    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT) as done:
+        win.go_to("prune")
+    assert done.args == ["done"]
+    return win.session.curve
+
+
 def visible_errors(win) -> list[QMessageBox]:
     return [box for box in win.errors if box.isVisible()]
 

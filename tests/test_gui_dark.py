@@ -19,7 +19,7 @@ from PySide6.QtWidgets import QApplication
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
+    TIMEOUT, files, linear_masks, load_clean, open_model, prune_page_with_curve, settings, visible_errors, win,
 )
 
 from gui.pages.base import RichLabel
@@ -112,11 +112,7 @@ def test_subtitles_paths_and_status_text_are_readable_in_light_and_dark(qtbot, w
     """Every rich-text label of every step (subtitles, the model's folder, the red/orange/green status
     words), the log's warnings and the default text, against the background they are drawn on."""
     work, model, clean = files
-    open_model(qtbot, win, model)
-    load_clean(qtbot, win, clean)
-    win.run_page.use_masks(linear_masks(win), "test masks")
-    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
-        win.go_to("prune")  # the tiny model has no backdoor signal: the Prune step shows a warning
+    prune_page_with_curve(qtbot, win, model, clean)  # the tiny model has no backdoor signal: a warning shows
     win.log.append("12:00:00  WARNING a warning", logging.WARNING)
     win.log.append("12:00:00  ERROR   an error", logging.ERROR)
     seen = set()

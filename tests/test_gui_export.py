@@ -9,8 +9,8 @@ from PySide6.QtCore import Qt, QUrl
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, answer_next_dialog, backdoored, files, linear_masks, load_clean, load_set, open_model, settings,
-    visible_errors, win, zero_scales,
+    TIMEOUT, answer_next_dialog, backdoored, files, linear_masks, load_clean, load_set, open_model,
+    prune_page_with_curve, settings, visible_errors, win, zero_scales,
 )
 from gui.theme import WARN
 from gui.verdict import judge
@@ -76,12 +76,8 @@ def test_export_unlearns_the_suspected_trigger_when_asked(qtbot, win, backdoored
 def test_with_unlearning_the_automatic_choice_prunes_nothing(qtbot, win, files):
     """As on the command line (anp_onnx.effective_pruning): nothing pruned, said on both pages, then unlearning."""
     work, model, clean = files
-    open_model(qtbot, win, model)
-    load_clean(qtbot, win, clean)
-    win.run_page.use_masks(linear_masks(win), "test masks")
-    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
-        win.go_to("prune")
-    curve, prune, export = win.session.curve, win.prune_page, win.export_page
+    curve = prune_page_with_curve(qtbot, win, model, clean)
+    prune, export = win.prune_page, win.export_page
     assert prune.mode.currentData() == "auto" and curve.signal_gone is None and curve.chosen.count > 0
     assert export.unlearn.isChecked()  # the default
     assert win.session.plan.count == 0 and prune.slider.value() == 0

@@ -9,7 +9,7 @@ from PySide6.QtGui import QColor, QPalette
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
+    TIMEOUT, files, linear_masks, load_clean, open_model, prune_page_with_curve, settings, visible_errors, win,
 )
 from gui.pages.layers import BAR_ROLE, CHANNELS, KIND, NAME, PRUNED, PRUNED_COL, SIZE, LayerView
 
@@ -48,11 +48,7 @@ def test_the_model_page_lists_the_neuron_layers_in_graph_order(qtbot, win, files
 
 def test_the_prune_page_shows_the_plans_pruned_channels_per_layer(qtbot, win, files):
     work, model, clean = files
-    open_both_kinds(qtbot, win, model)
-    load_clean(qtbot, win, clean)
-    win.run_page.use_masks(linear_masks(win), "test masks")
-    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
-        win.go_to("prune")
+    prune_page_with_curve(qtbot, win, model, clean, opener=open_both_kinds)
     page, view = win.prune_page, win.prune_page.layer_view
     for k in (0, 3, 11, 20, 48):
         page.set_spec(anp_onnx.PruneSpec.count(k))

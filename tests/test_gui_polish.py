@@ -11,7 +11,7 @@ from PySide6.QtWidgets import QAbstractButton, QComboBox, QLabel
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
+    TIMEOUT, files, linear_masks, load_clean, open_model, prune_page_with_curve, settings, visible_errors, win,
 )
 
 
@@ -119,11 +119,7 @@ def _overlaps_axes(plot) -> bool:
 
 def test_plots_follow_the_palette_and_keep_legends_off_the_curves(qtbot, win, files):
     work, model, clean = files
-    open_model(qtbot, win, model)
-    load_clean(qtbot, win, clean)
-    win.run_page.use_masks(linear_masks(win), "test masks")
-    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT):
-        win.go_to("prune")
+    prune_page_with_curve(qtbot, win, model, clean)
     curve_plot, loss_plot = win.prune_page.plot, win.run_page.loss_plot
     loss_plot.add(1, {"loss_nat": 1.0, "loss_rob": 2.0, "acc_nat": 0.5})
     loss_plot.add(2, {"loss_nat": 0.9, "loss_rob": 1.5, "acc_nat": 0.6})

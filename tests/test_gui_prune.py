@@ -11,18 +11,9 @@ from PySide6.QtCore import Qt
 
 import anp_onnx
 from gui_support import (  # noqa: F401 - fixtures by name
-    TIMEOUT, backdoored, files, linear_masks, load_clean, open_model, settings, visible_errors, win,
+    TIMEOUT, backdoored, files, linear_masks, load_clean, open_model, prune_page_with_curve, settings,
+    visible_errors, win,
 )
-
-
-def prune_page_with_curve(qtbot, win, model, clean, masks=None):
-    open_model(qtbot, win, model)
-    load_clean(qtbot, win, clean)
-    win.run_page.use_masks(masks or linear_masks(win), "test masks")
-    with qtbot.waitSignal(win.prune_page.curveFinished, timeout=TIMEOUT) as done:
-        win.go_to("prune")
-    assert done.args == ["done"]
-    return win.session.curve
 
 
 def test_a_choice_beyond_the_measured_curve_says_it_is_not_measured(qtbot, win, files):

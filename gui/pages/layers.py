@@ -20,7 +20,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-KEPT, PRUNED = "#1f77b4", "#d62728"  # the plots' blue and red
+from ..theme import PRUNED
+
+KEPT = "#1f77b4"  # the plots' blue (the pruned red is theme.PRUNED, the plots' red)
 KIND_LABELS = {"batchnorm": "batch norm", "conv": "conv/linear", "affine": "per-channel affine",
                "instancenorm": "instance norm", "layernorm": "layer norm", "groupnorm": "group norm"}
 #: Column of each kind of cell; the bars are painted by :class:`BarDelegate` from the item's data.
