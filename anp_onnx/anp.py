@@ -162,7 +162,8 @@ class MaskResult:
     fell earlier, and ranks first for pruning. ``centres`` holds the renormalised layers' clean
     (mean, spread) per neuron (see ``ANPConfig.renormalise``); writing the pruning back needs them.
     ``target`` is the class the noise step pushed towards (None: the reference's untargeted step),
-    ``probe`` the collapse probe that chose it, if run, and ``stage`` the mask stage that learnt them.
+    ``probe`` the collapse probe that chose it, if run, and ``stage`` the mask stage that learnt them
+    ("probe": none did, the run stopped after the probe; ``skipped`` says why, see anp_onnx.pipeline).
     """
 
     masks: dict[str, np.ndarray]
@@ -175,6 +176,7 @@ class MaskResult:
     probe: Optional[CollapseProbe] = None
     centres: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     stage: str = "anp"
+    skipped: str = ""
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):

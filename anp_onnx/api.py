@@ -7,7 +7,9 @@
 Both run the pipeline of docs/ARCHITECTURE.md, one stage module per step: load (:mod:`~anp_onnx.model`) ->
 convert and find neurons (:mod:`~anp_onnx.context`) -> parity -> calibrate -> probe -> mask stage
 (:mod:`~anp_onnx.learn`) -> rank (:mod:`~anp_onnx.prune`) -> curve and choice (:mod:`~anp_onnx.sweep`) ->
-refine -> write back, verify, evaluate, report (:mod:`~anp_onnx.finish`). The CLI and the app are thin layers.
+refine -> write back, verify, evaluate, report (:mod:`~anp_onnx.finish`); with the default automatic choice
+and refinements, :func:`repair` refines right after the probe and runs the mask stage only where it can
+change the output (:mod:`~anp_onnx.pipeline`). The CLI and the app are thin layers.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from .anp import ANPConfig, MaskResult, resolve_device
 from .calibrate import calibrate, current_centres, set_centres
-from .collapse import find_target, probe_supported
+from .collapse import CollapseProbe, find_target, probe_supported
 from .context import open_context
 from .convert import parity
 from .curve import PruningCurve, effective_pruning, pruning_after_refinements
@@ -38,6 +40,7 @@ from .metadata import preprocessing_from_metadata, read_metadata
 from .model import LoadedModel, load_model
 from .neurons import NeuronLayer
 from .options import DEFAULT_HOLDOUT, DEFAULT_REFINEMENTS, CurveSettings, NeuronSelection
+from .pipeline import defers_anp, learn_and_choose
 from .preprocessing import Preprocessing
 from .progress import CancelToken, ProgressCallback
 from .prune import REFERENCE_THRESHOLD, AutoPrune, PrunePlan, PruneSpec, match_masks, plan_from_neurons, \
@@ -111,11 +114,14 @@ class Repairer:
         self.ctx.apply_plan(plan)
 
     def optimize(self, clean: ImageSet, config: Any = ANPConfig(), *, progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelToken] = None) -> MaskResult:
+                 cancel: Optional[CancelToken] = None, probe_only: bool = False,
+                 probe: Optional[CollapseProbe] = None) -> MaskResult:
         """Learn masks on ``clean`` (calibrate, probe, then the mask stage ``config`` selects: ANP for
-        an ANPConfig); the torch model is left with all masks at 1, on the CPU."""
+        an ANPConfig); the torch model is left with all masks at 1, on the CPU. ``probe_only`` and
+        ``probe``: see :func:`anp_onnx.learn.learn_masks`."""
         try:
-            return learn_masks(self.ctx, clean, config, progress=progress, cancel=cancel)
+            return learn_masks(self.ctx, clean, config, progress=progress, cancel=cancel, probe_only=probe_only,
+                               probe=probe)
         finally:
             self.net.to("cpu")
             self.ctx.reset_masks()
@@ -285,14 +291,17 @@ def repair(
     ``test_data`` and ``poisoned_data`` (triggered images with their true labels) add ACC/ASR before
     and after, measured in onnxruntime; they never influence what is pruned. Masks are saved as
     JSON and mask_values.txt next to the output unless ``masks_out`` says where. ``refinements``
-    names registered stages that run on the pruned model before it is written (default: "unlearn",
-    anp_onnx.unlearn; () for none).
+    names registered stages that change weights before the model is written (default: "unlearn",
+    anp_onnx.unlearn; () for none). With refinements the automatic choice prunes nothing, so they
+    run first, and ANP (and its masks file) only if they changed no weight and a target is
+    suspected (anp_onnx.pipeline); a fixed ``pruning`` runs ANP first and refines the pruned model.
     """
     start = time.perf_counter()
     for name in refinements:  # unknown names fail before any work
         get_refinement(name)
     masks_path = Path(masks_out) if masks_out else default_masks_path(out)
     checks = dict(masks_path=masks_path, report=report, overwrite=overwrite,
+                  masks_optional=defers_anp(pruning, refinements),
                   inputs={"clean data": data, "test data": test_data, "poisoned data": poisoned_data})
     repair_outputs(model, out, **checks)  # every output checked before any work; again with the model's data files
     loaded = load_model(model, layout=layout)
@@ -314,29 +323,16 @@ def repair(
     before = rep.evaluate(test, poisoned=poisoned, target=target) if (test or poisoned) else None
     if before is not None and target is None:
         target = before.target
-    result = rep.optimize(clean, config, progress=progress, cancel=cancel)
-    curve = None
-    if val is not None or isinstance(pruning, AutoPrune):
-        settings = CurveSettings(pruning.value if isinstance(pruning, AutoPrune) else CurveSettings.max_drop,
-                                 signal_max_drop)
-        curve = rep.pruning_curve(
-            result.masks, val if val is not None else clean, tiebreak=result.mean_masks, poisoned=poisoned,
-            target=target, max_drop=settings.max_drop, suspected_target=result.target, signal_data=clean,
-            signal_max_drop=settings.signal_max_drop, device=getattr(config, "device", "cpu"),
-            progress=progress, cancel=cancel)
-    plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve, refinements=refinements)
-    _LOGGER.info("pruning %d of %d neurons (%s)", plan.count, plan.total, plan.spec.describe())
-    initializers, refined = refine(rep.ctx, plan, clean, refinements, target=result.target, device=result.device,
-                                   seed=getattr(config, "seed", 0), holdout=val, progress=progress, cancel=cancel)
-    if pruning_after_refinements(pruning, curve, refinements, bool(initializers)) != plan.spec:
-        plan = rep.plan(result.masks, pruning, tiebreak=result.mean_masks, curve=curve)  # the signal rule
-        _LOGGER.info("the refinements changed no weight: the backdoor signal's rule prunes %d neurons", plan.count)
+    learnt = learn_and_choose(rep, clean, val, config, pruning, refinements, poisoned=poisoned, target=target,
+                              signal_max_drop=signal_max_drop, progress=progress, cancel=cancel)
+    result, plan, curve, initializers = learnt.optimisation, learnt.plan, learnt.curve, learnt.initializers
     return finish(rep.ctx, plan, result.masks, out, optimisation=result, config=config, curve=curve,
                   evaluation=Evaluation(test, poisoned, target, val, before), verify_images=clean,
-                  masks_path=masks_path, report=report, overwrite=overwrite, model_facts=rep.model_facts(),
-                  metadata={"data": clean.source}, parity=diff, initializers=initializers, started=start,
-                  stages=tuple(stages_ran(diff, result, curve) + list(refinements)), outputs=checked,
-                  refined=refinement_facts(refinements, refined))
+                  masks_path=masks_path if result.masks else None, report=report, overwrite=overwrite,
+                  model_facts=rep.model_facts(), metadata={"data": clean.source}, parity=diff,
+                  initializers=initializers, started=start,
+                  stages=tuple(stages_ran(diff, result, curve, learnt.order)), outputs=checked,
+                  refined=refinement_facts(refinements, learnt.refined))
 
 
 def prune(model: os.PathLike | str, masks: os.PathLike | str | Mapping[str, np.ndarray], *,

@@ -54,22 +54,25 @@ class Evaluation:
 
 def repair_outputs(model: LoadedModel | os.PathLike | str, out: os.PathLike | str, *,
                    masks_path: Optional[os.PathLike | str] = None, report: bool = True, overwrite: bool = False,
-                   replace_input: bool = False, inputs: Mapping[str, object] = {}) -> OutputSet:
+                   replace_input: bool = False, inputs: Mapping[str, object] = {},
+                   masks_optional: bool = False) -> OutputSet:
     """Every file a repair writes (model, its external data, masks JSON, mask_values.txt, report) and
     every file it reads (the model, its data files, ``inputs``: what -> path), checked before any work.
 
     ``model`` is the path until the model is loaded; call again with the :class:`LoadedModel` to
-    add its external data files.
+    add its external data files. ``masks_optional``: the masks may not be learnt (see
+    :mod:`anp_onnx.pipeline`); an earlier run's masks files there are then removed, not left beside
+    a model they do not belong to.
     """
     outputs = model_outputs(model, out, overwrite=overwrite, replace_input=replace_input)
     for what, path in inputs.items():
         outputs.add_input(path, what)
     if masks_path is not None:
-        outputs.add_output(masks_path, "masks file")
-        outputs.add_output(mask_values_path(masks_path), "mask values file")
+        outputs.add_output(masks_path, "masks file", optional=masks_optional)
+        outputs.add_output(mask_values_path(masks_path), "mask values file", optional=masks_optional)
     if report:
         for kind, path in report_paths(out).items():
-            outputs.add_output(path, f"report's {kind} file", optional=kind == "curve")
+            outputs.add_output(path, f"report's {kind} file", optional=kind in ("curve", "masks"))
     return outputs.check()
 
 
@@ -219,10 +222,13 @@ def refinement_summary(facts: Mapping[str, Any]) -> str:
 
 
 def stages_ran(parity: Optional[float], optimisation: Optional[MaskResult],
-               curve: Optional[PruningCurve]) -> list[str]:
-    """The stages before the write-back that produced these results, in pipeline order."""
+               curve: Optional[PruningCurve], order: Optional[Sequence[str]] = None) -> list[str]:
+    """The stages before the write-back that produced these results, in pipeline order (``order``: the
+    stages after the probe as they ran, when not the usual mask stage -> rank -> curve)."""
     stages = ["convert"] + (["parity"] if parity is not None else [])
     if optimisation is not None:
         stages += (["calibrate"] if optimisation.centres else []) + (["probe"] if optimisation.probe else [])
+        if order is not None:
+            return stages + list(order)
         stages.append(optimisation.stage)
     return stages + ["rank"] + (["curve"] if curve is not None else [])

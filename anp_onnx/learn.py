@@ -17,6 +17,7 @@ selects (:mod:`anp_onnx.stages`; ANP by default). Progress events name each part
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch
 
 from .anp import MaskResult
 from .calibrate import calibrate, clear_centres, current_centres
-from .collapse import find_target
+from .collapse import CollapseProbe, find_target
 from .context import RepairContext
 from .data import ImageSet
 from .errors import DataError, SettingsError
@@ -35,11 +36,14 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: Optional[ProgressCallback] = None,
-                cancel: Optional[CancelToken] = None) -> MaskResult:
+                cancel: Optional[CancelToken] = None, probe_only: bool = False,
+                probe: Optional[CollapseProbe] = None) -> MaskResult:
     """Masks for every neuron of ``ctx`` learnt on ``clean`` by the stage ``config`` selects.
 
     The result records the probe (if run), the class the stage aimed at and the renormalised
-    layers' centres. The torch model's masks are left as the stage left them.
+    layers' centres. The torch model's masks are left as the stage left them. ``probe_only``: stop
+    after the probe (no masks, ``stage`` "probe", ``iterations`` 0); ``probe``: an earlier probe's
+    result (of a ``probe_only`` run on the same data), used instead of probing again.
     """
     if len(clean) < 2:
         raise SettingsError("ANP needs at least 2 clean images")
@@ -59,12 +63,15 @@ def learn_masks(ctx: RepairContext, clean: ImageSet, config: Any, *, progress: O
         calibrate(ctx.net, modules, clean, device=device, progress=progress, cancel=cancel)
     else:
         clear_centres(modules)
-    probe = None
-    if stage.wants_probe(ctx, config):
+    started = time.perf_counter()
+    if probe is None and stage.wants_probe(ctx, config):
         check(cancel)
         probe = find_target(ctx.net, modules, clean, device=device, progress=progress, cancel=cancel)
         _LOGGER.info("collapse probe: %s", probe.describe())
     target = stage.noise_target(config, probe)
+    if probe_only:
+        return MaskResult({}, 0, time.perf_counter() - started, device, target=target, probe=probe, stage="probe",
+                          centres=current_centres(ctx.modules))
     result = stage.run(ctx, clean, config, target=target, progress=progress, cancel=cancel)
     bad = [name for name, values in result.masks.items() if not np.all(np.isfinite(values))]
     if bad:

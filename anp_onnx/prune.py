@@ -189,6 +189,12 @@ class PrunePlan:
     def per_layer(self) -> dict[str, int]:
         return {name: int(len(idx)) for name, idx in self.pruned.items()}
 
+    def describe(self) -> str:
+        """The spec in words, and the automatic choice it stands for when that pruned nothing (see ``asked``)."""
+        if self.asked is not None and self.asked != self.spec:
+            return f"{self.asked.describe()}: nothing pruned, the refinements repair the weights instead"
+        return self.spec.describe()
+
     def to_dict(self) -> dict:
         return {
             "spec": self.spec.to_dict(), "count": self.count, "total": self.total,

@@ -37,7 +37,7 @@ def _eval(e) -> Optional[dict]:
 def report_dict(result: RepairResult) -> dict:
     """Every figure and setting of a repair, JSON-ready."""
     layers = {layer.name: layer for layer in result.layers}
-    all_masks = np.concatenate([np.asarray(v) for v in result.masks.values()])
+    all_masks = np.concatenate([np.asarray(v) for v in result.masks.values()] or [np.zeros(0)])
     return {
         "anp_onnx_version": __version__,
         "output": str(result.output),
@@ -52,11 +52,12 @@ def report_dict(result: RepairResult) -> dict:
         "export_max_abs_diff": result.export.max_abs_diff,
         "changed_initializers": result.export.changed_initializers,
         "neurons": {
-            "total": int(all_masks.size), "masks_at_zero": int((all_masks == 0).sum()),
+            "total": int(result.plan.total), "masks_at_zero": int((all_masks == 0).sum()),
             "masks_below_0.2": int((all_masks <= REFERENCE_THRESHOLD).sum()),
-            "layers": [{**layers[n].to_dict(), "pruned": int(len(result.plan.pruned.get(n, ())))} for n in result.masks],
+            "layers": [{**layers[n].to_dict(), "pruned": int(len(result.plan.pruned.get(n, ())))}
+                       for n in (result.masks or layers)],
         },
-        "pruning": {**result.plan.to_dict(), "description": result.plan.spec.describe()},
+        "pruning": {**result.plan.to_dict(), "description": result.plan.describe()},
         "curve": result.curve.to_dict() if result.curve is not None else None,
         "held_out_clean": {"before": _eval(result.holdout_before), "after": _eval(result.holdout_after)},
         "test": {"before": _eval(result.before), "after": _eval(result.after)},
@@ -75,7 +76,7 @@ def _optimisation(result: RepairResult) -> dict:
         "final_loss_rob": _last(opt.history.get("loss_rob")),
         "noise_target": opt.target,
         "collapse_probe": opt.probe.to_dict() if opt.probe else None,
-        "renormalised_layers": sorted(opt.centres),
+        "renormalised_layers": sorted(opt.centres), "skipped": opt.skipped or None,
     }
 
 
@@ -140,12 +141,15 @@ def _pct(v: Optional[float]) -> str:
 def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
     lines = [f"# anp-onnx repair report: `{Path(result.output).name}`", ""]
     opt = result.optimisation
-    if opt is not None:
+    if opt is not None and not result.masks:
+        why = opt.skipped or "stopped after the probe"
+        lines += [f"anp-onnx {__version__}; ANP not run: {why} (total {result.seconds:.1f} s).", ""]
+    elif opt is not None:
         lines += [f"anp-onnx {__version__}; ANP {opt.iterations} iterations on "
                   f"{opt.device} in {opt.seconds:.1f} s (total {result.seconds:.1f} s).", ""]
     else:
         lines += [f"anp-onnx {__version__}; masks {result.masks_source} (total {result.seconds:.1f} s).", ""]
-    lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.spec.describe()}).", ""]
+    lines += [f"**Pruned {result.plan.count} of {result.plan.total} neurons** ({result.plan.describe()}).", ""]
     if result.stages:
         lines += ["Stages run: " + " -> ".join(result.stages) + ".", ""]
     for name, facts in result.refinements.items():
@@ -158,7 +162,7 @@ def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
                   "neurons output their clean mean.", ""]
     if opt is not None and opt.probe is not None:
         lines += [f"Collapse probe (clean images only): {opt.probe.describe()}.", ""]
-    if opt is not None:
+    if opt is not None and result.masks:
         lines += ["ANP neuron noise: " + (f"targeted at class {opt.target}." if opt.target is not None
                                           else "untargeted (the reference's)."), ""]
     rows = [("held-out clean accuracy", result.holdout_before, result.holdout_after, "accuracy"),
@@ -181,9 +185,10 @@ def markdown(result: RepairResult, data: dict, paths: dict[str, Path]) -> str:
                   + (f"; backdoor signal {'gone' if c.signal_gone else 'still present'}"
                      if c.signal_gone is not None else "") + ".", "",
                   f"![pruning curve]({paths['curve'].name})", ""]
-    lines += ["## Mask values", "", f"![mask histogram]({paths['masks'].name})", "",
-              f"{data['neurons']['masks_at_zero']} masks at 0, {data['neurons']['masks_below_0.2']} at or below "
-              f"{REFERENCE_THRESHOLD:g}.", ""]
+    if result.masks:
+        lines += ["## Mask values", "", f"![mask histogram]({paths['masks'].name})", "",
+                  f"{data['neurons']['masks_at_zero']} masks at 0, {data['neurons']['masks_below_0.2']} at or below "
+                  f"{REFERENCE_THRESHOLD:g}.", ""]
     lines += ["## Neurons pruned per layer", "", "| layer | kind | neurons | pruned |", "|---|---|---:|---:|"]
     lines += [f"| `{layer['name']}` | {layer['kind']} | {layer['size']} | {layer['pruned']} |"
               for layer in data["neurons"]["layers"]]
@@ -206,8 +211,9 @@ def write_report(result: RepairResult, to: Optional[Callable[[Path], Path]] = No
     if result.curve is not None:
         plot_curve(result, at(paths["curve"]))
         written.append(paths["curve"])
-    plot_masks(result, at(paths["masks"]))
-    written.append(paths["masks"])
+    if result.masks:
+        plot_masks(result, at(paths["masks"]))
+        written.append(paths["masks"])
     at(paths["markdown"]).write_text(markdown(result, data, paths), encoding="utf-8")
     data["files"] = [str(f) for f in list(result.files) + written + [paths["markdown"], paths["json"]]]
     at(paths["json"]).write_text(json.dumps(data, indent=1), encoding="utf-8")

@@ -57,6 +57,8 @@ def parse_spec(text: str):
 
 
 def rule_kind(result) -> str:
+    if result.curve is None and result.plan.asked is not None:  # ANP not run (anp_onnx.pipeline)
+        return "none: refinements first"
     if result.curve is None:
         return result.plan.spec.describe()
     return "signal" if result.curve.signal_gone else "budget"
@@ -119,8 +121,9 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
         "licence": model.licence, "preprocessing": model.preprocessing.to_dict(), "sets": sets.facts,
         "neurons": result.plan.total, "acc_before": result.before.accuracy, "acc_after": result.after.accuracy,
         "asr_before": result.before.asr, "asr_after": result.after.asr,
-        "pruned": result.plan.count, "pruning": result.plan.spec.describe(), "iterations": opt.iterations,
-        "seconds": round(seconds, 1), "anp_seconds": round(opt.seconds, 1), "device": opt.device,
+        "pruned": result.plan.count, "pruning": result.plan.describe(), "iterations": opt.iterations,
+        "seconds": round(seconds, 1), "anp_seconds": round(opt.seconds, 1) if result.masks else 0.0,
+        "anp_skipped": opt.skipped or None, "device": opt.device,
         "noise_target": opt.target, "probe": opt.probe.to_dict() if opt.probe else None,
         "signal_gone": result.curve.signal_gone if result.curve is not None else None,
         "rule_kind": rule_kind(result), "rule": result.curve.rule if result.curve is not None else None,
@@ -142,13 +145,14 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
     row["torch_ort_check"] = torch_ort_check(rep, result, test, model)
     device = opt.device
     row["oracle_method"] = oracle_of(rep, result.masks, opt.mean_masks, opt.centres, test, triggered, model,
-                                     device, args.oracle_points)
-    if args.reference:  # the method is the reference loop: its masks are the reference's
+                                     device, args.oracle_points) if result.masks else \
+        {"text": "ANP not run", "anp_not_run": opt.skipped}
+    if args.reference and result.masks:  # the method is the reference loop: its masks are the reference's
         row["oracle_reference"] = {**row["oracle_method"], "same_as_method": True}
         return row
     ref_config = anp_onnx.ANPConfig.reference(iterations=opt.iterations, device=opt.device, seed=config.seed,
                                               batch_size=config.batch_size)
-    if opt.target is None and replace(config.resolve(), target=None) == ref_config:
+    if result.masks and opt.target is None and replace(config.resolve(), target=None) == ref_config:
         # the probe named no target: the default loop WAS the reference loop (same settings and seed)
         row["oracle_reference"] = {**row["oracle_method"], "same_loop_as_default": True}
         return row
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
                         "give no name for none)")
     p.add_argument("--unlearn", nargs="+", default=[], metavar="KEY=VALUE",
                    help="settings of the unlearn refinement to try instead of its defaults "
-                        "(anp_onnx.unlearn.UnlearnSettings fields, e.g. guard_se=2 control=1)")
+                        "(anp_onnx.unlearn.UnlearnSettings fields, e.g. guard_se=2 precision=fp32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (default ../shared)")
@@ -220,7 +224,8 @@ def main(argv=None) -> int:
         from anp_onnx.unlearn import TriggerUnlearning, UnlearnSettings
         fields = UnlearnSettings.__dataclass_fields__
         try:
-            changes = {k: type(getattr(UnlearnSettings, k))(float(v)) for k, v in
+            changes = {k: v if isinstance(getattr(UnlearnSettings, k), str) else
+                       type(getattr(UnlearnSettings, k))(float(v)) for k, v in
                        (item.split("=", 1) for item in args.unlearn)}
         except (AttributeError, ValueError) as exc:
             p.error(f"--unlearn: {exc} (fields: {', '.join(fields)})")

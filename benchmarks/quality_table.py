@@ -78,6 +78,8 @@ def row_cells(r: dict) -> list[str]:
     control = r.get("random_control")
     control_text = "-" if control is None else f"{100 * control:.0f}%" + (" (fires)" if r.get("fires_for_random") else "")
     noise = "untargeted" if r.get("noise_target") is None else f"class {r['noise_target']}"
+    if r.get("iterations") == 0:  # a default repair that did not need ANP (anp_onnx.pipeline)
+        noise = "ANP not run"
     rule = r.get("rule_kind") or {True: "signal", False: "budget"}.get(r.get("signal_gone"), "-")
     check = r.get("torch_ort_check") or {}
     flag = " (torch ≠ ort!)" if check and not check.get("ok", True) else ""
@@ -87,7 +89,8 @@ def row_cells(r: dict) -> list[str]:
         r["model"], r.get("source", "samples"), f"{r.get('arch', '-')} / {r.get('norm', '-')}", attack, control_text,
         f"{pct(r['acc_before'])} → {pct(r['acc_after'])}",
         "-" if r.get("asr_before") is None else f"{pct(r['asr_before'])} → {pct(r['asr_after'])}",
-        f"{r['pruned']} / {r['neurons']}", f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']})",
+        f"{r['pruned']} / {r['neurons']}", f"{r['seconds']:.0f} s ({r['iterations']} it, {r['device']})" if r["iterations"]
+        else f"{r['seconds']:.0f} s (ANP not run, {r['device']})",
         probe_text(r.get("probe"), target if mode == "all-to-one" else None, r.get("attack") is None),
         noise, rule, refinement_text(r), meets_text(r),
         (oracle.get("text", "-") + flag) if oracle else "-",

@@ -614,3 +614,19 @@ def test_refine_none_and_reference_run_no_refinement() -> None:
     assert _refinements(parse(base + ["--refine", "none"])) == ()
     assert _refinements(parse(base + ["--reference"])) == ()
     assert _refinements(parse(base + ["--reference", "--refine", "unlearn"])) == ("unlearn",)
+
+
+def test_the_progress_bar_shows_the_unlearnings_scan_and_rounds(files, capsys) -> None:
+    """The unlearning is the longest stage of a default repair: its scan and rounds get bars of their own."""
+    from anp_onnx.cli.render import Bar
+    from anp_onnx.progress import ProgressEvent, Stage
+    from anp_onnx.unlearn import scan_targets
+
+    rep = anp_onnx.Repairer.open(files["model"])
+    bar = Bar(enabled=True)
+    scan_targets(rep.ctx.net, rep.load_data(files["clean"]), [0, 1, 2], steps=2, progress=bar)
+    bar(ProgressEvent(Stage.REFINE, 1, 3, {"round": 1}))  # as TriggerUnlearning.run emits each round
+    bar.close()
+    err = capsys.readouterr().err
+    assert "trigger scan" in err and "3/3" in err and "class" in err
+    assert "unlearning" in err and "1/3" in err and "round" in err

@@ -141,3 +141,20 @@ def test_stage_timer_counts_nested_calls_once() -> None:
     assert timer.calls == {"m.inner": 3, "m.outer": 1}
     assert timer.seconds["inner"] > 0 and timer.seconds["outer"] >= 0
     assert timer.missed([("m", "inner", "inner"), ("m", "gone", "x")]) == ["m.gone"]
+
+
+def test_stage_timer_charges_calls_inside_an_inclusive_stage_to_it() -> None:
+    """The unlearning's scan calls the reconstruction: its time is the scan's, not the reconstruction's."""
+    import time as _time
+
+    from benchmarks.speed_parts import INCLUSIVE, STAGE_PATCHES
+
+    scan = next(stage for _, attr, stage in STAGE_PATCHES if attr == "scan_targets")
+    assert scan in INCLUSIVE
+    timer = StageTimer()
+    inner = timer.wrap(lambda: _time.sleep(0.02), "unlearn: reconstruct", "m.reconstruct")
+    outer = timer.wrap(lambda: [inner() for _ in range(2)], scan, "m.scan")
+    outer()
+    inner()  # outside the scan: the reconstruction's own
+    assert timer.calls == {"m.reconstruct": 3, "m.scan": 1}
+    assert timer.seconds[scan] >= 0.04 and 0.02 <= timer.seconds["unlearn: reconstruct"] < 0.04

@@ -194,3 +194,81 @@ def test_finish_with_a_refinement_leaves_the_repairers_weights_as_they_were(regi
     plain = rep.finish(plan, masks, tmp_path / "p.onnx", verify_images=data, report=False, save_masks=False)
     assert plain.export.changed_initializers == [] and plain.export.max_abs_diff < 1e-4
     np.testing.assert_array_equal(ort_on(tmp_path / "p.onnx", data.x[:8]), ort_on(model, data.x[:8]))
+
+
+@dataclass(frozen=True)
+class TargetedScores(RandomScores):
+    """Random scores whose stage aims at class 0 (as ANP after a probe that named it)."""
+
+
+class TargetedStage(RandomStage):
+    name = "targeted-test"
+    description = "random neuron scores aimed at class 0 (test)"
+    config_type = TargetedScores
+
+    def noise_target(self, config, probe):
+        return 0
+
+
+@pytest.fixture()
+def targeted(registered):
+    register_mask_stage(TargetedStage)
+    yield
+    unregister(TargetedStage.name)
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+def test_with_refinements_the_automatic_choice_skips_the_mask_stage_that_could_not_change_the_output(
+        registered, tmp_path):
+    """Default order (anp_onnx.pipeline): the refinements first; they changed weights, so no masks are learnt,
+    and the model written is exactly the one of the fixed order (mask stage, then the same 0 pruned)."""
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(60)
+    stale = tmp_path / "r.masks.json"
+    stale.write_text("{}")  # an earlier run's masks: they must not stay beside a model they do not belong to
+    (tmp_path / "r.masks.png").write_bytes(b"old")
+    result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=RandomScores(), refinements=["bias-test"],
+                             overwrite=True)
+    assert result.masks == {} and result.optimisation.stage == "probe"
+    assert result.optimisation.skipped == anp_onnx.pipeline.WEIGHTS_CHANGED
+    assert result.plan.count == 0 and result.plan.asked == anp_onnx.PruneSpec.auto()
+    assert result.stages[:3] == ["convert", "parity", "bias-test"] and "random-test" not in result.stages
+    assert not stale.exists() and not (tmp_path / "r.mask_values.txt").exists()
+    assert not (tmp_path / "r.masks.png").exists()
+    assert "ANP not run: the refinements changed the weights" in (tmp_path / "r.report.md").read_text()
+    fixed = anp_onnx.repair(model, data, out=tmp_path / "f.onnx", config=RandomScores(), refinements=["bias-test"],
+                            pruning=anp_onnx.PruneSpec.count(0))
+    assert fixed.optimisation.stage == "random-test" and fixed.masks
+    assert (tmp_path / "f.masks.json").exists()
+    written, expected = _initializers(tmp_path / "r.onnx"), _initializers(tmp_path / "f.onnx")
+    assert written.keys() == expected.keys()
+    for name in expected:
+        np.testing.assert_array_equal(written[name], expected[name])
+
+
+def test_a_refinement_that_changed_nothing_without_a_suspected_target_prunes_nothing(registered, tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    result = anp_onnx.repair(model, random_images(60), out=tmp_path / "r.onnx", config=RandomScores(),
+                             refinements=["nochange-test"])
+    assert result.masks == {} and result.plan.count == 0
+    assert result.optimisation.skipped == anp_onnx.pipeline.NOTHING_CHANGED
+    np.testing.assert_array_equal(ort_on(tmp_path / "r.onnx", random_images(8).x),
+                                  ort_on(model, random_images(8).x))
+
+
+def test_a_refinement_that_changed_nothing_with_a_suspected_target_runs_the_mask_stage_after_it(targeted, tmp_path):
+    model = tiny_model(tmp_path / "m.onnx")
+    data = random_images(60)
+    result = anp_onnx.repair(model, data, out=tmp_path / "r.onnx", config=TargetedScores(seed=2),
+                             refinements=["nochange-test"])
+    assert result.optimisation.stage == "targeted-test" and result.optimisation.target == 0 and result.masks
+    assert result.stages[2:6] == ["nochange-test", "targeted-test", "rank", "curve"]
+    assert (tmp_path / "r.masks.json").exists() and result.curve is not None
+    plain = anp_onnx.repair(model, data, out=tmp_path / "p.onnx", config=TargetedScores(seed=2), refinements=())
+    for name, values in plain.masks.items():  # the same masks as without the refinement
+        np.testing.assert_array_equal(result.masks[name], values)
+    expected = plain.plan.count if plain.curve.signal_gone else 0
+    assert result.plan.count == expected

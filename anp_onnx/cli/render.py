@@ -12,8 +12,9 @@ class Bar:
     """tqdm progress bars fed by the library's progress events, one per stage."""
 
     LABELS = {"calibrate": "calibrate", "probe": "collapse probe", "optimise": "ANP", "sweep": "pruning curve",
-              "evaluate": "evaluate"}
-    UNITS = {"calibrate": "batch", "probe": "batch", "optimise": "it", "sweep": "pt"}
+              "evaluate": "evaluate", "refine:scan": "trigger scan", "refine:round": "unlearning"}
+    UNITS = {"calibrate": "batch", "probe": "batch", "optimise": "it", "sweep": "pt", "refine:scan": "class",
+             "refine:round": "round"}
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -21,15 +22,18 @@ class Bar:
         self.stage = ""
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled or event.stage not in self.UNITS:
+        stage = event.stage
+        if stage == "refine":  # the unlearning's per-class scan, then its rounds (anp_onnx.unlearn)
+            stage += ":scan" if "scan_class" in event.metrics else ":round" if "round" in event.metrics else ""
+        if not self.enabled or stage not in self.UNITS:
             return
-        if self.bar is None or event.stage != self.stage:
+        if self.bar is None or stage != self.stage:
             from tqdm import tqdm
 
             self.close()
-            self.stage = event.stage
-            self.bar = tqdm(total=event.total, desc=self.LABELS.get(event.stage, event.stage),
-                            unit=self.UNITS[event.stage], file=sys.stderr, dynamic_ncols=True)
+            self.stage = stage
+            self.bar = tqdm(total=event.total, desc=self.LABELS.get(stage, stage),
+                            unit=self.UNITS[stage], file=sys.stderr, dynamic_ncols=True)
         self.bar.total = event.total  # a retried probe goes on counting: batches 5 to 8 of 8
         self.bar.n = event.step
         self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in event.metrics.items()},

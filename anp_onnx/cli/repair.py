@@ -14,14 +14,20 @@ NAME = "repair"
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(NAME, help="learn ANP masks on clean data, prune, and write the repaired model",
-                              description="Learn ANP masks on clean data, prune the lowest, write the pruning into "
-                                          "a copy of the ONNX model and verify it in onnxruntime.")
+    p = subparsers.add_parser(NAME, help="repair a backdoored model on clean data and write the repaired model",
+                              description="Repair a backdoored ONNX classifier on clean data: probe for a backdoor "
+                                          "target, unlearn a reconstructed trigger, and prune with ANP masks where "
+                                          "pruning is asked for or can still help; write the changes into a copy "
+                                          "of the ONNX model and verify it in onnxruntime. With the default "
+                                          "(automatic choice and unlearning), ANP runs only when the unlearning "
+                                          "changed no weight and the probe named a target: otherwise its masks "
+                                          "could not change the output, and no masks file is written.")
     model_options(p)
     p.add_argument("--data", required=True, help="clean images: class folders or .npz (x, y)")
     p.add_argument("--out", required=True, help="repaired model to write (never the input)")
     p.add_argument("--overwrite", action="store_true", help="replace --out (and the masks files) if they exist")
-    p.add_argument("--masks-out", help="masks JSON (default: OUT with .masks.json; a mask_values.txt goes beside)")
+    p.add_argument("--masks-out", help="masks JSON (default: OUT with .masks.json; a mask_values.txt goes beside), "
+                                       "written when ANP ran")
     p.add_argument("--no-report", action="store_true", help="do not write the report (JSON + Markdown with plots)")
     p.add_argument("--holdout", type=holdout, default=DEFAULT_HOLDOUT,
                    help="fraction (<1) or count of the clean data kept aside (stratified) for the pruning "
@@ -30,9 +36,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--poisoned", help="triggered test images (true labels) to measure attack success rate")
     p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
     p.add_argument("--refine", choices=["unlearn", "none"], default=None,
-                   help="after the pruning: unlearn = reconstruct a trigger for the suspected target (and the class "
-                        "a per-class scan finds) and unlearn it, changing weights (default; the automatic choice "
-                        "then prunes nothing, a --count or --threshold still prunes); none = pruning only (the "
+                   help="unlearn = reconstruct a trigger for the suspected target (and the class a per-class "
+                        "scan finds) and unlearn it, changing weights (default; the automatic choice then prunes "
+                        "nothing, a --count or --threshold still prunes first); none = ANP pruning only (the "
                         "default with --reference)")
     neuron_options(p)
     anp_options(p)
@@ -70,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 def _print_result(result: RepairResult) -> None:
     pct = render.pct
     sizes = {layer.name: layer.size for layer in result.layers}
-    print(f"\nPruned {result.plan.count} of {result.plan.total} neurons ({result.plan.spec.describe()}):")
+    print(f"\nPruned {result.plan.count} of {result.plan.total} neurons ({result.plan.describe()}):")
     print(render.pruned_table(result.plan, sizes))
     print()
     rows = render.score_rows(result.holdout_before, result.holdout_after, "held-out clean")
@@ -83,8 +89,9 @@ def _print_result(result: RepairResult) -> None:
               "(--no-renormalise: off)")
     if opt.probe is not None:
         print(f"collapse probe: {opt.probe.describe()}")
-    print("ANP noise: " + (f"targeted at class {opt.target}" if opt.target is not None
-                           else "untargeted (the reference's)"))
+    if result.masks:
+        print("ANP noise: " + (f"targeted at class {opt.target}" if opt.target is not None
+                               else "untargeted (the reference's)"))
     if result.curve is not None:
         c = result.curve
         if c.suspected_target is not None and c.points[0].signal is not None:
@@ -98,7 +105,10 @@ def _print_result(result: RepairResult) -> None:
             print(f"used instead: {result.plan.spec.describe()}")
     for name, facts in result.refinements.items():
         print(f"refinement {name}: {refinement_summary(facts)}")
-    print(f"\nANP: {result.optimisation.iterations} iterations in {result.optimisation.seconds:.1f} s "
-          f"on {result.optimisation.device}; total {result.seconds:.1f} s")
+    if result.masks:
+        print(f"\nANP: {opt.iterations} iterations in {opt.seconds:.1f} s on {opt.device}; "
+              f"total {result.seconds:.1f} s")
+    else:
+        print(f"\nANP not run: {opt.skipped or 'stopped after the probe'}; total {result.seconds:.1f} s")
     for f in result.files:
         print(f"wrote {f}")
