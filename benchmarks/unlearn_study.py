@@ -11,6 +11,7 @@ Two modes, one JSON line per model on stdout:
     python benchmarks/unlearn_study.py unlearn ibau_badnets_vgg kabu_simplecnn_checker --rounds 3 --epochs 21
     python benchmarks/unlearn_study.py unlearn cifar10_small --target 1 --rounds 3 --epochs 21
     python benchmarks/unlearn_study.py scan abl_wrn16_1_grid cifar10_small --steps 100
+    python benchmarks/unlearn_study.py scan aisb_cnn_checker --seed 1 --precision bf16
 
 The figures of benchmarks/README.md ("Unlearning") came from these commands, one thread
 (``torch.set_num_threads(1)``), repair set = the bench's clean set minus a 20% stratified holdout.
@@ -34,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import anp_onnx  # noqa: E402
+from anp_onnx.precision import autocast  # noqa: E402
 from anp_onnx.unlearn import reconstruct_trigger, scan_targets, trainable_initializers, unlearn  # noqa: E402
 from bench_models import bench_models  # noqa: E402
 
@@ -61,6 +63,9 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--l1", type=float, default=1e-2)
     p.add_argument("--stamped", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0, help="scan: the reconstructions' seed")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="scan: float32 or bfloat16 autocast (anp_onnx.precision)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models, missing = bench_models().select(args.models)
@@ -75,8 +80,10 @@ def main(argv=None) -> int:
             net = rep.ctx.net.eval()
             row: dict = {"model": m.name, "true_target": m.target}
             if args.mode == "scan":
-                scan = scan_targets(net, train, list(range(rep.model.num_classes)), steps=args.steps or 100)
-                row.update(scan.to_dict())
+                with autocast(args.precision, "cpu"):
+                    scan = scan_targets(net, train, list(range(rep.model.num_classes)), steps=args.steps or 100,
+                                        seed=args.seed)
+                row.update({**scan.to_dict(), "seed": args.seed, "precision": args.precision})
             else:
                 test = rep.load_data(sets.test)
                 triggered = rep.load_data(sets.triggered) if sets.triggered else None

@@ -612,6 +612,7 @@ def test_refine_none_and_reference_run_no_refinement() -> None:
     base = ["repair", "m.onnx", "--data", "d", "--out", "o.onnx"]
     assert _refinements(parse(base)) == ("unlearn",)
     assert _refinements(parse(base + ["--refine", "none"])) == ()
+    assert _refinements(parse(base + ["--refine", "unlearn-bf16"])) == ("unlearn-bf16",)
     assert _refinements(parse(base + ["--reference"])) == ()
     assert _refinements(parse(base + ["--reference", "--refine", "unlearn"])) == ("unlearn",)
 

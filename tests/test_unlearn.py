@@ -120,3 +120,67 @@ def test_the_net_keeps_its_gradient_flags_so_anp_can_run_again(tmp_path):
     assert [p.requires_grad for p in rep.ctx.net.parameters()] == flags
     result = rep.optimize(data, anp_onnx.ANPConfig(iterations=3, batch_size=16, target=None))
     assert result.iterations == 3
+
+
+def test_precision_is_resolved_per_device_and_autocast_lowers_only_inside():
+    import torch
+
+    from anp_onnx.precision import autocast, native_bf16, resolve_precision
+
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16("cpu") else "fp32")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("fp16x", "cpu")
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with autocast("bf16", "cpu"):
+        assert layer(x).dtype == torch.bfloat16
+    with autocast("fp32", "cpu"):
+        assert layer(x).dtype == torch.float32
+    assert layer(x).dtype == torch.float32
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    with autocast("bf16", "cpu"):  # weights updated inside one region: the next forward must see them
+        first = layer(x)
+        first.float().sum().backward()
+        opt.step()
+        assert not torch.equal(layer(x), first)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_unlearning_trains_in_its_precision_and_scans_and_guards_in_float32(tmp_path, monkeypatch, precision):
+    import torch
+
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=1, epochs=1, steps=10, scan_steps=3,
+                                                       precision=precision))
+    seen = {"train": [], "guard": [], "scan": []}
+    train, guard, scan = unlearn_module.unlearn, unlearn_module._accuracy, unlearn_module.scan_targets
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name].append(torch.is_autocast_enabled("cpu"))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(unlearn_module, "unlearn", spy("train", train))
+    monkeypatch.setattr(unlearn_module, "_accuracy", spy("guard", guard))
+    monkeypatch.setattr(unlearn_module, "scan_targets", spy("scan", scan))
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0)
+    assert seen["train"] == [precision == "bf16"] * len(seen["train"]) and seen["train"]
+    assert seen["guard"] and not any(seen["guard"]) and seen["scan"] == [False]  # what decides: float32
+    assert result.metrics["bf16"] == float(precision == "bf16")
+    if values:  # what is written back is float32, whatever the training ran in
+        assert all(v.dtype == np.float32 for v in values.values())
+
+
+def test_the_bf16_variant_is_the_same_unlearning_with_its_rounds_in_bfloat16_where_native():
+    from dataclasses import replace
+
+    from anp_onnx.stages import get_refinement
+    from anp_onnx.unlearn import TriggerUnlearning
+
+    fast, plain = get_refinement("unlearn-bf16"), get_refinement("unlearn")
+    assert isinstance(fast, TriggerUnlearning) and plain.settings.precision == "fp32"
+    assert fast.settings == replace(plain.settings, precision="auto")

@@ -35,10 +35,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--test", help="clean test images to measure accuracy before and after")
     p.add_argument("--poisoned", help="triggered test images (true labels) to measure attack success rate")
     p.add_argument("--target", type=int, help="attack target class (default: majority prediction on --poisoned)")
-    p.add_argument("--refine", choices=["unlearn", "none"], default=None,
+    p.add_argument("--refine", choices=["unlearn", "unlearn-bf16", "none"], default=None,
                    help="unlearn = reconstruct a trigger for the suspected target (and the class a per-class "
                         "scan finds) and unlearn it, changing weights (default; the automatic choice then prunes "
-                        "nothing, a --count or --threshold still prunes first); none = ANP pruning only (the "
+                        "nothing, a --count or --threshold still prunes first); unlearn-bf16 = the same with its "
+                        "rounds in bfloat16 where the CPU (AVX-512 BF16 or AMX) or GPU computes it natively: "
+                        "about twice as fast there, results differ slightly; none = ANP pruning only (the "
                         "default with --reference)")
     neuron_options(p)
     anp_options(p)
