@@ -90,12 +90,19 @@ class RepairContext:
                     v.copy_(saved[k].to(v.device))
 
     @contextmanager
-    def on_device(self, device: str) -> Iterator[ClassifierNet]:
-        """The net moved to ``device`` for the duration; back on the CPU afterwards."""
+    def on_device(self, device: str, channels_last: bool = False) -> Iterator[ClassifierNet]:
+        """The net moved to ``device`` for the duration; back on the CPU afterwards. ``channels_last``:
+        computing on channels-last tensors for the duration where :func:`channels_last_safe` (tensors
+        the net holds are replaced by the switch: take references to them inside the block)."""
+        was = self.net.channels_last
         try:
+            if channels_last and not was and channels_last_safe(self.model.runnable):
+                self.net.use_channels_last(True)
             yield self.net.to(device)
         finally:
             self.net.to("cpu")
+            if self.net.channels_last != was:
+                self.net.use_channels_last(was)
 
 
 def open_context(model: LoadedModel, preprocessing: Preprocessing,

@@ -168,6 +168,7 @@ class UnlearnSettings:
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
+    channels_last: bool = True  # compute on channels-last tensors where the ops allow (CPU: ~1.3x; float rounding)
 
 
 #: Unlearning runs only when a backdoor is suspected: the collapse probe named a target, or the scan's
@@ -213,7 +214,7 @@ class TriggerUnlearning(Refinement):
         metrics: dict[str, float] = {}
         values: dict[str, np.ndarray] = {}
         precision = resolve_precision(s.precision, device)
-        with ctx.on_device(device) as net:
+        with ctx.on_device(device, channels_last=s.channels_last) as net:
             net.eval()
             # float32: the scan decides (whether to unlearn, and which class); its result is not checked later
             scan = scan_targets(net, clean, list(range(ctx.model.num_classes or clean.num_classes_seen)),

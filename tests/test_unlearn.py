@@ -184,3 +184,53 @@ def test_the_bf16_variant_is_the_same_unlearning_with_its_rounds_in_bfloat16_whe
     fast, plain = get_refinement("unlearn-bf16"), get_refinement("unlearn")
     assert isinstance(fast, TriggerUnlearning) and plain.settings.precision == "fp32"
     assert fast.settings == replace(plain.settings, precision="auto")
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_unlearning_computes_channels_last_only_inside_and_writes_plain_arrays(tmp_path, monkeypatch,
+                                                                                   channels_last):
+    import torch
+
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=1, epochs=1, steps=10, scan_steps=3,
+                                                       channels_last=channels_last))
+    seen = []
+    train = unlearn_module.unlearn
+
+    def spy(net, trainable, *args, **kwargs):
+        seen.append((net.channels_last, all(t.tensor.is_contiguous(memory_format=torch.channels_last)
+                                            for t in trainable if t.tensor.dim() == 4)))
+        return train(net, trainable, *args, **kwargs)
+
+    monkeypatch.setattr(unlearn_module, "unlearn", spy)
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    rep = anp_onnx.Repairer.open(path)
+    data, holdout = synthetic_images(120, seed=3), synthetic_images(40, seed=4)
+    from anp_onnx.finish import refine
+
+    plan = rep.plan({layer.name: np.ones(layer.size, np.float32) for layer in rep.layers}, anp_onnx.PruneSpec.count(0))
+    values, (result,) = refine(rep.ctx, plan, data, ["unlearn"], target=0, holdout=holdout)
+    # the trainable tensors were taken after the switch: the ones the net computes with
+    assert seen and all(s == (channels_last, channels_last) for s in seen)
+    assert not rep.ctx.net.channels_last  # ANP and the curve after it compute as before
+    assert all(p.is_contiguous() for p in rep.ctx.net.parameters())
+    assert all(v.flags["C_CONTIGUOUS"] and v.dtype == np.float32 for v in values.values())
+
+
+def test_the_context_switches_channels_last_for_a_block_only_where_safe(tmp_path):
+    from anp_onnx.context import open_context
+    from anp_onnx.model import load_model
+    from anp_onnx.preprocessing import Preprocessing
+    from test_norm_neurons import groupnorm18_model
+
+    ctx = open_context(load_model(tiny_model(tmp_path / "m.onnx")), Preprocessing())
+    with ctx.on_device("cpu", channels_last=True) as net:
+        assert net.channels_last
+    assert not ctx.net.channels_last
+    gn = open_context(load_model(groupnorm18_model(tmp_path / "gn.onnx")), Preprocessing())
+    with gn.on_device("cpu", channels_last=True) as net:  # its backward crashed on channels-last tensors
+        assert not net.channels_last
+
+
