@@ -232,5 +232,3 @@ def test_the_context_switches_channels_last_for_a_block_only_where_safe(tmp_path
     gn = open_context(load_model(groupnorm18_model(tmp_path / "gn.onnx")), Preprocessing())
     with gn.on_device("cpu", channels_last=True) as net:  # its backward crashed on channels-last tensors
         assert not net.channels_last
-
-
