@@ -37,8 +37,8 @@ class Trigger:
         return (1 - self.mask) * x + self.mask * self.pattern
 
 
-
 def shuffled_batches(n: int, size: int, rng: np.random.Generator):
+    """Indices 0..n-1 in an order drawn from ``rng``, in batches of ``size`` (the last may be shorter)."""
     order = rng.permutation(n)
     for s in range(0, n, size):
         yield order[s:s + size]
@@ -146,4 +146,3 @@ def scan_targets(net, images: ImageSet, classes: Sequence[int], *, steps: int = 
         success[c] = t.success
         areas[c] = t.area if t.success >= 0.5 else float("inf")
     return TargetScan(tuple(areas), tuple(success))
-

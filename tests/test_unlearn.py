@@ -77,10 +77,10 @@ def test_an_unknown_refinement_fails_before_any_work(tmp_path):
     assert not (tmp_path / "r.onnx").exists()
 
 
-def _refine(path, data, holdout, target):
+def _refine(path, data, holdout, target, rep=None):
     from anp_onnx.finish import refine
 
-    rep = anp_onnx.Repairer.open(path)
+    rep = rep or anp_onnx.Repairer.open(path)
     plan = rep.plan({layer.name: np.ones(layer.size, np.float32) for layer in rep.ctx.layers},
                     anp_onnx.PruneSpec.count(0))
     values, (result,) = refine(rep.ctx, plan, data, ["unlearn"], target=target, holdout=holdout)
@@ -207,11 +207,7 @@ def test_the_unlearning_computes_channels_last_only_inside_and_writes_plain_arra
     monkeypatch.setattr(unlearn_module, "unlearn", spy)
     path = train_backdoored(tmp_path / "b.onnx", target=0)
     rep = anp_onnx.Repairer.open(path)
-    data, holdout = synthetic_images(120, seed=3), synthetic_images(40, seed=4)
-    from anp_onnx.finish import refine
-
-    plan = rep.plan({layer.name: np.ones(layer.size, np.float32) for layer in rep.layers}, anp_onnx.PruneSpec.count(0))
-    values, (result,) = refine(rep.ctx, plan, data, ["unlearn"], target=0, holdout=holdout)
+    values, _ = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0, rep=rep)
     # the trainable tensors were taken after the switch: the ones the net computes with
     assert seen and all(s == (channels_last, channels_last) for s in seen)
     assert not rep.ctx.net.channels_last  # ANP and the curve after it compute as before
