@@ -66,6 +66,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="scan: the reconstructions' seed")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="scan: float32 or bfloat16 autocast (anp_onnx.precision)")
+    p.add_argument("--batch-size", type=int, default=32, help="scan: images per reconstruction step")
+    p.add_argument("--channels-last", action="store_true",
+                   help="scan: on channels-last tensors, as the default repair computes it")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     models, missing = bench_models().select(args.models)
@@ -80,10 +83,12 @@ def main(argv=None) -> int:
             net = rep.ctx.net.eval()
             row: dict = {"model": m.name, "true_target": m.target}
             if args.mode == "scan":
-                with autocast(args.precision, "cpu"):
-                    scan = scan_targets(net, train, list(range(rep.model.num_classes)), steps=args.steps or 100,
-                                        seed=args.seed)
-                row.update({**scan.to_dict(), "seed": args.seed, "precision": args.precision})
+                with rep.ctx.on_device("cpu", channels_last=args.channels_last) as net, \
+                        autocast(args.precision, "cpu"):
+                    scan = scan_targets(net.eval(), train, list(range(rep.model.num_classes)),
+                                        steps=args.steps or 100, batch_size=args.batch_size, seed=args.seed)
+                row.update({**scan.to_dict(), "seed": args.seed, "precision": args.precision,
+                            "batch_size": args.batch_size, "channels_last": args.channels_last})
             else:
                 test = rep.load_data(sets.test)
                 triggered = rep.load_data(sets.triggered) if sets.triggered else None
