@@ -12,6 +12,7 @@ Two modes, one JSON line per model on stdout:
     python benchmarks/unlearn_study.py unlearn cifar10_small --target 1 --rounds 3 --epochs 21
     python benchmarks/unlearn_study.py scan abl_wrn16_1_grid cifar10_small --steps 100
     python benchmarks/unlearn_study.py scan aisb_cnn_checker --seed 1 --precision bf16
+    python benchmarks/unlearn_study.py scan abl_wrn16_1_grid --steps 300 --channels-last --batch-size 16
 
 The figures of benchmarks/README.md ("Unlearning") came from these commands, one thread
 (``torch.set_num_threads(1)``), repair set = the bench's clean set minus a 20% stratified holdout.
