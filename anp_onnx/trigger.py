@@ -91,14 +91,14 @@ def reconstruct_trigger(net, images: ImageSet, target: int, *, steps: int = 300,
                 opt.step()
                 area = float(mask.detach().sum())
                 if hit >= 0.9 and (best is None or area < best[0]):
-                    best = (area, mask.detach().clone(), pattern.detach().clone(), hit)
+                    best = (area, mask.detach().clone(), pattern.detach().clone())
                 weight = weight * 1.2 if hit >= 0.95 else max(weight / 1.2, l1 * 1e-2)
                 step += 1
                 if step >= steps:
                     break
     if best is None:
         mask, pattern = torch.sigmoid(mask_logit).detach(), torch.sigmoid(pattern_logit).detach()
-        best = (float(mask.sum()), mask, pattern, 0.0)
+        best = (float(mask.sum()), mask, pattern)
     trigger = Trigger(target, best[1], best[2], 0.0, best[0])
     with torch.inference_mode():
         hits = torch_logits(lambda x: net(trigger.stamp(x)), x_all.numpy(), device).argmax(1) == target
