@@ -32,6 +32,7 @@ from onnx import numpy_helper
 from .augment import augment_batch, default_crop_padding
 from .convert import torch_logits
 from .data import ImageSet
+from .errors import SettingsError
 from .precision import autocast, resolve_precision
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 from .stages import Refinement, RefinementResult, register_refinement
@@ -167,6 +168,7 @@ class UnlearnSettings:
     scan_steps: int = 300  # per class (100 left the backdoor's class within noise of the others; README)
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
+    guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, or "all" (training + held out)
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
     channels_last: bool = True  # compute on channels-last tensors where the ops allow (CPU: ~1.3x; float rounding)
 
@@ -184,6 +186,18 @@ def _restore(trainable: Sequence[Trainable], values: Sequence[torch.Tensor]) -> 
     with torch.no_grad():
         for t, v in zip(trainable, values):
             t.tensor.copy_(v)
+
+
+def _guard_images(which: str, clean: ImageSet, holdout: Optional[ImageSet]) -> Optional[ImageSet]:
+    """The images whose accuracy the guard watches: ``holdout``, or with ``which="all"`` every clean image."""
+    if which == "holdout":
+        return holdout
+    if which != "all":
+        raise SettingsError(f"guard_images must be 'holdout' or 'all', got {which!r}")
+    if holdout is None or not len(holdout):
+        return clean
+    return ImageSet(np.concatenate([clean.x, holdout.x]), np.concatenate([clean.y, holdout.y]),
+                    clean.class_names, clean.source)
 
 
 def _accuracy(net, images: Optional[ImageSet], device: str) -> Optional[float]:
@@ -232,10 +246,11 @@ class TriggerUnlearning(Refinement):
             if not trainable:
                 _LOGGER.warning("unlearning skipped: no initializer of the model matched its torch weights")
                 return RefinementResult({}, {**metrics, "skipped": 1.0}, time.perf_counter() - start)
-            start_acc = _accuracy(net, holdout, device)
+            judged = _guard_images(s.guard_images, clean, holdout)
+            start_acc = _accuracy(net, judged, device)
             guard = MAX_DROP_POINTS
             if start_acc is not None and s.guard_se:
-                guard = max(guard, s.guard_se * float(np.sqrt(start_acc * (100 - start_acc) / len(holdout))))
+                guard = max(guard, s.guard_se * float(np.sqrt(start_acc * (100 - start_acc) / len(judged))))
             kept = [t.tensor.detach().clone() for t in trainable]
             teacher = copy.deepcopy(net).eval()
             triggers: list[Trigger] = []
@@ -249,7 +264,7 @@ class TriggerUnlearning(Refinement):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
                                 stamped=s.stamped, device=device, seed=seed + r, cancel=cancel)
-                    acc = _accuracy(net, holdout, device)
+                    acc = _accuracy(net, judged, device)
                     if acc is None or acc >= start_acc - guard:
                         break
                     _LOGGER.info("unlearning round %d at lr %g: held-out accuracy %.1f%% (from %.1f%%); "

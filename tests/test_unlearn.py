@@ -228,3 +228,32 @@ def test_the_context_switches_channels_last_for_a_block_only_where_safe(tmp_path
     gn = open_context(load_model(groupnorm18_model(tmp_path / "gn.onnx")), Preprocessing())
     with gn.on_device("cpu", channels_last=True) as net:  # its backward crashed on channels-last tensors
         assert not net.channels_last
+
+
+@pytest.mark.parametrize("which", ["holdout", "all"])
+def test_the_guard_watches_the_held_out_images_or_every_clean_image(tmp_path, monkeypatch, which):
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=1, epochs=1, steps=10, scan_steps=3, guard_images=which))
+    sizes = []
+    guard = unlearn_module._accuracy
+
+    def spy(net, images, device):
+        sizes.append(len(images))
+        return guard(net, images, device)
+
+    monkeypatch.setattr(unlearn_module, "_accuracy", spy)
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    clean, holdout = synthetic_images(120, seed=3), synthetic_images(40, seed=4)
+    _refine(path, clean, holdout, target=0)
+    assert sizes and set(sizes) == {40 if which == "holdout" else 160}
+
+
+def test_an_unknown_guard_image_choice_is_a_settings_error():
+    from anp_onnx.unlearn import _guard_images
+
+    images = synthetic_images(10, seed=0)
+    assert _guard_images("all", images, None) is images
+    with pytest.raises(anp_onnx.SettingsError, match="guard_images"):
+        _guard_images("test", images, images)
