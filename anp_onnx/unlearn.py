@@ -101,13 +101,14 @@ def trainable_initializers(ctx) -> list[Trainable]:
 def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequence[Trigger], *,
             teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, epochs: int = 20,
             batch_size: int = 64, lr: float = 0.01, stamped: float = 0.5, temperature: float = 2.0,
-            device: str = "cpu", seed: int = 0, progress: Optional[ProgressCallback] = None,
-            cancel: Optional[CancelToken] = None) -> dict[str, float]:
+            augment: bool = True, device: str = "cpu", seed: int = 0,
+            progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> dict[str, float]:
     """Fine-tune ``trainable`` so stamped images get the teacher's outputs on the unstamped ones.
 
     ``teacher`` maps a batch to the logits to imitate (default: ``net`` as it is before training);
     ``stamped`` is the share of each batch that carries a trigger (each image one of ``triggers``,
-    in turn). Returns the last epoch's loss.
+    in turn); ``augment`` crops and flips each batch (:func:`~anp_onnx.augment.augment_batch`) before
+    it is stamped. Returns the last epoch's loss.
     """
     x_all = torch.from_numpy(images.x)
     net.eval()
@@ -117,7 +118,7 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
     opt = torch.optim.SGD(tensors, lr=lr, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    padding = default_crop_padding(x_all.shape[2], x_all.shape[3])
+    padding = default_crop_padding(x_all.shape[2], x_all.shape[3]) if augment else 0
     loss_value = float("nan")
     with frozen_weights(net):
         for t in tensors:
@@ -127,7 +128,7 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
                 total, count = 0.0, 0
                 for idx in shuffled_batches(len(x_all), batch_size, rng):
                     check(cancel)
-                    x = augment_batch(x_all[idx], g, padding=padding).to(device)
+                    x = augment_batch(x_all[idx], g, padding=padding, flip=augment).to(device)
                     k = int(round(stamped * len(idx)))
                     with torch.no_grad():
                         soft = F.softmax(teacher(x) / temperature, dim=1)
@@ -169,6 +170,7 @@ class UnlearnSettings:
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
     guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, or "all" (training + held out)
+    augment: bool = True  # crop + flip the unlearning's batches
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
     channels_last: bool = True  # compute on channels-last tensors where the ops allow (CPU: ~1.3x; float rounding)
 
@@ -263,11 +265,11 @@ class TriggerUnlearning(Refinement):
                 for attempt in range(s.retries + 1):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
-                                stamped=s.stamped, device=device, seed=seed + r, cancel=cancel)
+                                stamped=s.stamped, augment=s.augment, device=device, seed=seed + r, cancel=cancel)
                     acc = _accuracy(net, judged, device)
                     if acc is None or acc >= start_acc - guard:
                         break
-                    _LOGGER.info("unlearning round %d at lr %g: held-out accuracy %.1f%% (from %.1f%%); "
+                    _LOGGER.info("unlearning round %d at lr %g: guard accuracy %.1f%% (from %.1f%%); "
                                  "back to the last kept weights", r + 1, lr, acc, start_acc)
                     _restore(trainable, kept)
                     lr /= 3  # models without normalisation need smaller steps (benchmarks/README.md)

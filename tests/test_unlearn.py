@@ -257,3 +257,26 @@ def test_an_unknown_guard_image_choice_is_a_settings_error():
     assert _guard_images("all", images, None) is images
     with pytest.raises(anp_onnx.SettingsError, match="guard_images"):
         _guard_images("test", images, images)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_the_unlearning_sees_the_clean_images_themselves_without_augmentation(tmp_path, augment):
+    import torch
+
+    from anp_onnx.unlearn import unlearn
+
+    rep = anp_onnx.Repairer.open(tiny_model(tmp_path / "m.onnx"))
+    data = synthetic_images(48, seed=1)
+    trigger = reconstruct_trigger(rep.ctx.net, data, 2, steps=5)
+    seen = []
+
+    def teacher(x):  # the teacher gets each batch before it is stamped
+        seen.append(x.clone())
+        return rep.ctx.net(x)
+
+    unlearn(rep.ctx.net, trainable_initializers(rep.ctx), data, [trigger], teacher=teacher, epochs=1,
+            batch_size=16, augment=augment)
+    batches = torch.cat(seen).flatten(1)
+    originals = torch.from_numpy(data.x).flatten(1)
+    exact = (batches[:, None, :] == originals[None]).all(2).any(1).float().mean()
+    assert len(batches) == len(data) and (exact == 1.0 if not augment else exact < 0.9)
