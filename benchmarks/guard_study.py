@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import anp_onnx  # noqa: E402
 from anp_onnx.augment import augment_batch, default_crop_padding  # noqa: E402
-from anp_onnx.unlearn import (MAX_DROP_POINTS, UnlearnSettings, reconstruct_trigger,  # noqa: E402
+from anp_onnx.convert import torch_logits  # noqa: E402
+from anp_onnx.unlearn import (MAX_DROP_POINTS, UnlearnSettings, _restore, reconstruct_trigger,  # noqa: E402
                               trainable_initializers, unlearn)
 from bench_models import bench_models  # noqa: E402
 from unlearn_study import acc_asr  # noqa: E402
@@ -49,7 +50,7 @@ MIXES = 1000
 
 def logits(net, x: np.ndarray) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([net(torch.from_numpy(np.ascontiguousarray(x[s:s + 250]))) for s in range(0, len(x), 250)])
+        return torch.from_numpy(torch_logits(net, x))
 
 
 def probe_sets(train, hold, seed: int = 0) -> dict[str, np.ndarray]:
@@ -103,26 +104,21 @@ def study(m, tmp: Path, s: UnlearnSettings, emit) -> None:
             chosen = None
             for attempt in range(s.retries + 1):
                 a_lr = lr / 3 ** attempt
-                with torch.no_grad():
-                    for t, v in zip(trainable, kept):
-                        t.tensor.copy_(v)
+                _restore(trainable, kept)
                 t0 = time.time()
                 unlearn(net, trainable, train, triggers, teacher=teacher, epochs=s.epochs, lr=a_lr,
                         stamped=s.stamped, seed=r)
                 row = {"model": m.name, "round": r + 1, "attempt": attempt, "lr": a_lr,
                        "seconds": round(time.time() - t0, 1), **proxies(net, probe, ref, hold, train),
                        "acc_asr": acc_asr(net, test, triggered, m.target)}
-                passes = row["acc_h"] >= start["acc_h"] - MAX_DROP_POINTS
-                row["default_keeps"] = bool(passes and chosen is None)
+                row["default_keeps"] = chosen is None and row["acc_h"] >= start["acc_h"] - MAX_DROP_POINTS
                 emit(row)
-                if passes and chosen is None:
+                if row["default_keeps"]:
                     chosen = ([t.tensor.detach().clone() for t in trainable], a_lr)
             if chosen is None:
                 break
             kept, lr = chosen
-            with torch.no_grad():
-                for t, v in zip(trainable, kept):
-                    t.tensor.copy_(v)
+            _restore(trainable, kept)
 
 
 def main(argv=None) -> int:
