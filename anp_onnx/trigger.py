@@ -10,9 +10,10 @@ al. S&P 2019; written for anp-onnx). Used by the unlearning refinement (:mod:`an
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from .convert import torch_logits
 from .data import ImageSet
+from .errors import Cancelled
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 
 
@@ -112,6 +114,7 @@ class TargetScan:
 
     areas: tuple[float, ...]  # inf: no patch reached the success level
     success: tuple[float, ...]
+    triggers: dict[int, Trigger] = field(default_factory=dict, compare=False, repr=False)  # the patches, per class
 
     @property
     def smallest(self) -> int:
@@ -133,16 +136,87 @@ class TargetScan:
                 "anomaly": round(self.anomaly, 2)}
 
 
+def side_by_side_workers(device: str, jobs: int) -> int:
+    """How many reconstructions :func:`reconstruct_each` runs at once: on CPU one per intra-op thread
+    torch has (at most ``jobs``), on other devices one."""
+    if not str(device).startswith("cpu"):
+        return 1
+    return max(1, min(torch.get_num_threads(), jobs))
+
+
+class _LinkedToken(CancelToken):
+    """Cancelled when its parent is, or when :meth:`cancel` is called (a sibling job failed)."""
+
+    def __init__(self, parent: Optional[CancelToken]) -> None:
+        super().__init__()
+        self._parent = parent
+
+    def check(self) -> None:
+        check(self._parent)
+        super().check()
+
+
+def reconstruct_each(net, images: ImageSet, classes: Sequence[int], *, workers: Optional[int] = None,
+                     context: Callable[[], ContextManager] = nullcontext,
+                     done: Optional[Callable[[int, int, int], None]] = None, cancel: Optional[CancelToken] = None,
+                     device: str = "cpu", **kwargs) -> list[Trigger]:
+    """:func:`reconstruct_trigger` for each class of ``classes`` (in that order), ``kwargs`` passed on.
+
+    With more than one worker (default :func:`side_by_side_workers`) the classes run side by side, in
+    threads of one intra-op thread each: a reconstruction is compute-bound at any batch size, and
+    independent per class, so this uses the cores better than intra-op threads alone (1.12x on the
+    2-core development CPU, benchmarks/README.md), and its patches are exactly those of one thread
+    computing the classes in turn. ``context`` makes the context each reconstruction runs in (autocast
+    is per thread); ``done(class, finished, total)`` is called as each class finishes.
+    """
+    classes = list(classes)
+    workers = side_by_side_workers(device, len(classes)) if workers is None else max(1, min(workers, len(classes)))
+
+    def one(c: int, token: Optional[CancelToken]) -> Trigger:
+        with context():
+            return reconstruct_trigger(net, images, c, device=device, cancel=token, **kwargs)
+
+    if workers == 1:
+        out = []
+        for c in classes:
+            out.append(one(c, cancel))
+            if done is not None:
+                done(c, len(out), len(classes))
+        return out
+    token, threads = _LinkedToken(cancel), torch.get_num_threads()
+    torch.set_num_threads(1)  # read by each new thread when it starts computing
+    try:
+        with frozen_weights(net), ThreadPoolExecutor(workers) as pool:
+            jobs = [pool.submit(one, c, token) for c in classes]
+            of = {job: c for job, c in zip(jobs, classes)}
+            for finished, job in enumerate(as_completed(jobs), 1):
+                if job.exception() is not None:
+                    token.cancel()  # the others stop at their next step
+                    break
+                if done is not None:
+                    done(of[job], finished, len(classes))
+        errors = [j.exception() for j in jobs if j.done() and j.exception() is not None]
+        if errors:  # a job's own error before the Cancelled it caused in the others
+            raise ([e for e in errors if not isinstance(e, Cancelled)] or errors)[0]
+        return [j.result() for j in jobs]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def scan_targets(net, images: ImageSet, classes: Sequence[int], *, steps: int = 100, batch_size: int = 32,
                  device: str = "cpu", seed: int = 0, progress: Optional[ProgressCallback] = None,
-                 cancel: Optional[CancelToken] = None) -> TargetScan:
-    """A short :func:`reconstruct_trigger` per class of ``classes``; classes left out get area inf."""
+                 cancel: Optional[CancelToken] = None, workers: Optional[int] = None) -> TargetScan:
+    """A short :func:`reconstruct_trigger` per class of ``classes`` (side by side: :func:`reconstruct_each`);
+    classes left out get area inf."""
     n = max(classes) + 1 if classes else 0
     areas, success = [float("inf")] * n, [0.0] * n
-    for i, c in enumerate(classes):
-        emit(progress, ProgressEvent(Stage.REFINE, i + 1, len(classes), {"scan_class": c}))
-        t = reconstruct_trigger(net, images, c, steps=steps, batch_size=batch_size, device=device, seed=seed,
-                                cancel=cancel)
+
+    def done(c: int, finished: int, total: int) -> None:
+        emit(progress, ProgressEvent(Stage.REFINE, finished, total, {"scan_class": c}))
+
+    triggers = reconstruct_each(net, images, classes, workers=workers, done=done, cancel=cancel, device=device,
+                                steps=steps, batch_size=batch_size, seed=seed)
+    for c, t in zip(classes, triggers):
         success[c] = t.success
         areas[c] = t.area if t.success >= 0.5 else float("inf")
-    return TargetScan(tuple(areas), tuple(success))
+    return TargetScan(tuple(areas), tuple(success), dict(zip(classes, triggers)))

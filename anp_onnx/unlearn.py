@@ -36,10 +36,11 @@ from .errors import SettingsError
 from .precision import autocast, resolve_precision
 from .progress import CancelToken, ProgressCallback, ProgressEvent, Stage, check, emit
 from .stages import Refinement, RefinementResult, register_refinement
-from .trigger import TargetScan, Trigger, frozen_weights, reconstruct_trigger, scan_targets, shuffled_batches
+from .trigger import (TargetScan, Trigger, frozen_weights, reconstruct_each, reconstruct_trigger, scan_targets,
+                      shuffled_batches)
 
 __all__ = ["TRAINABLE_INPUTS", "Trainable", "trainable_initializers", "unlearn", "UnlearnSettings",
-           "TriggerUnlearning", "FastTriggerUnlearning", "Trigger", "TargetScan", "reconstruct_trigger",
+           "TriggerUnlearning", "FastTriggerUnlearning", "Trigger", "TargetScan", "reconstruct_trigger", "reconstruct_each",
            "scan_targets", "ANOMALY_MIN", "MAX_DROP_POINTS"]
 
 _LOGGER = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ class UnlearnSettings:
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
     guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, or "all" (training + held out)
     augment: bool = True  # crop + flip the unlearning's batches
+    reuse_scan: bool = False  # round 1 unlearns the scan's patches of its targets instead of reconstructing them
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
     channels_last: bool = True  # compute on channels-last tensors where the ops allow (CPU: ~1.3x; float rounding)
 
@@ -259,9 +261,11 @@ class TriggerUnlearning(Refinement):
             rounds, lr = 0, s.lr
             for r in range(s.rounds):
                 emit(progress, ProgressEvent(Stage.REFINE, r + 1, s.rounds, {"round": r + 1}))
-                with autocast(precision, device):
-                    triggers += [reconstruct_trigger(net, clean, t, steps=s.steps, l1=s.l1, device=device,
-                                                     seed=seed + r, cancel=cancel) for t in targets]
+                if r == 0 and s.reuse_scan:
+                    triggers += [scan.triggers[t] for t in targets]
+                else:
+                    triggers += reconstruct_each(net, clean, targets, context=lambda: autocast(precision, device),
+                                                 steps=s.steps, l1=s.l1, device=device, seed=seed + r, cancel=cancel)
                 for attempt in range(s.retries + 1):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,

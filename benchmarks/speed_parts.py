@@ -40,7 +40,7 @@ STAGE_PATCHES: tuple[tuple[str, str, str], ...] = (
     ("anp_onnx.anp", "optimize_masks", "ANP"),
     ("anp_onnx.api", "measure_curve", "curve"),
     ("anp_onnx.unlearn", "scan_targets", "unlearn: scan"),
-    ("anp_onnx.unlearn", "reconstruct_trigger", "unlearn: reconstruct"),
+    ("anp_onnx.unlearn", "reconstruct_each", "unlearn: reconstruct"),
     ("anp_onnx.unlearn", "unlearn", "unlearn: train"),
     ("anp_onnx.unlearn", "_accuracy", "unlearn: guard"),
     ("anp_onnx.export", "write_back", "write back"),

@@ -280,3 +280,85 @@ def test_the_unlearning_sees_the_clean_images_themselves_without_augmentation(tm
     originals = torch.from_numpy(data.x).flatten(1)
     exact = (batches[:, None, :] == originals[None]).all(2).any(1).float().mean()
     assert len(batches) == len(data) and (exact == 1.0 if not augment else exact < 0.9)
+
+
+def _scan_areas(net, images, workers):
+    from anp_onnx.trigger import scan_targets
+    seen = []
+    scan = scan_targets(net, images, [0, 1, 2, 3], steps=12, workers=workers, progress=seen.append)
+    return scan.areas, scan.success, seen
+
+
+def test_the_scan_side_by_side_gives_exactly_the_patches_of_one_thread_in_turn(tmp_path):
+    import torch
+    rep = anp_onnx.Repairer.open(train_backdoored(tmp_path / "b.onnx", target=3))
+    clean, net = synthetic_images(120, seed=3), rep.ctx.net.eval()
+    flags = [p.requires_grad for p in net.parameters()]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _scan_areas(net, clean, workers=1)
+        torch.set_num_threads(2)
+        side = _scan_areas(net, clean, workers=3)
+        assert torch.get_num_threads() == 2  # given back after the workers' one-thread run
+    finally:
+        torch.set_num_threads(threads)
+    assert one[:2] == side[:2]  # bit for bit: each worker computes as one thread does
+    assert [e.step for e in side[2]] == [1, 2, 3, 4] and sorted(e.metrics["scan_class"] for e in side[2]) == [0, 1, 2, 3]
+    assert [p.requires_grad for p in net.parameters()] == flags
+
+
+def test_a_failing_or_cancelled_side_by_side_job_stops_the_others(tmp_path, monkeypatch):
+    from anp_onnx import trigger as trigger_module
+    from anp_onnx.progress import CancelToken
+    rep = anp_onnx.Repairer.open(tiny_model(tmp_path / "m.onnx"))
+    clean, net = synthetic_images(60, seed=3), rep.ctx.net.eval()
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(anp_onnx.Cancelled):
+        trigger_module.scan_targets(net, clean, [0, 1, 2], steps=5, workers=2, cancel=token)
+    real = trigger_module.reconstruct_trigger
+
+    def failing(net, images, target, **kw):
+        if target == 1:
+            raise RuntimeError("out of memory in class 1")
+        return real(net, images, target, **kw)
+
+    monkeypatch.setattr(trigger_module, "reconstruct_trigger", failing)
+    with pytest.raises(RuntimeError, match="class 1"):
+        trigger_module.scan_targets(net, clean, [0, 1, 2, 3], steps=5, workers=2)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_round_one_unlearns_the_scans_patch_only_when_asked(tmp_path, monkeypatch, reuse):
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=2, epochs=1, steps=10, scan_steps=3, reuse_scan=reuse))
+    monkeypatch.setattr(unlearn_module, "MAX_DROP_POINTS", 101.0)  # every round kept
+    scans, rebuilt, unlearnt = [], [], []
+    scan, each, train = unlearn_module.scan_targets, unlearn_module.reconstruct_each, unlearn_module.unlearn
+
+    def spy_scan(*args, **kwargs):
+        scans.append(scan(*args, **kwargs))
+        return scans[-1]
+
+    def spy_each(net, images, classes, **kwargs):
+        rebuilt.append(list(classes))
+        return each(net, images, classes, **kwargs)
+
+    def spy_train(net, trainable, images, triggers, **kwargs):
+        unlearnt.append(list(triggers))
+        return train(net, trainable, images, triggers, **kwargs)
+
+    monkeypatch.setattr(unlearn_module, "scan_targets", spy_scan)
+    monkeypatch.setattr(unlearn_module, "reconstruct_each", spy_each)
+    monkeypatch.setattr(unlearn_module, "unlearn", spy_train)
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    _, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0)
+    assert result.metrics["rounds"] == 2
+    targets = [int(v) for k, v in sorted(result.metrics.items()) if k.startswith("target_")]
+    first = unlearnt[0]
+    assert [t.target for t in first] == targets
+    assert all(a is b for a, b in zip(first, (scans[0].triggers[t] for t in targets))) == reuse
+    assert rebuilt == ([targets] if reuse else [targets, targets])  # round 2 always reconstructs
