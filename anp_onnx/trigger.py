@@ -5,7 +5,8 @@ pattern ``p`` in ``[0, 1]^(C x H x W)``, stamped ``(1 - m) * x + m * p``) that s
 other classes to it: gradient descent on the cross-entropy towards the class plus ``l1`` times the
 mask's area (weight raised while the patch works, else lowered). :func:`scan_targets` runs it for
 every class: a backdoor's target needs a far smaller patch than the others (Neural Cleanse, Wang et
-al. S&P 2019; written for anp-onnx). Used by the unlearning refinement (:mod:`anp_onnx.unlearn`).
+al. S&P 2019; written for anp-onnx). On CPU :func:`reconstruct_each` runs the classes side by side,
+one thread each, with exactly the patches one thread computes in turn. Used by the unlearning refinement (:mod:`anp_onnx.unlearn`).
 """
 
 from __future__ import annotations
