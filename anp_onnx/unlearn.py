@@ -170,7 +170,7 @@ class UnlearnSettings:
     scan_steps: int = 300  # per class (100 left the backdoor's class within noise of the others; README)
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
-    guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, or "all" (training + held out)
+    guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, "all" (training + held out), or "either"
     augment: bool = True  # crop + flip the unlearning's batches
     reuse_scan: bool = False  # round 1 unlearns the scan's patches of its targets instead of reconstructing them
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
@@ -192,16 +192,14 @@ def _restore(trainable: Sequence[Trainable], values: Sequence[torch.Tensor]) -> 
             t.tensor.copy_(v)
 
 
-def _guard_images(which: str, clean: ImageSet, holdout: Optional[ImageSet]) -> Optional[ImageSet]:
-    """The images whose accuracy the guard watches: ``holdout``, or with ``which="all"`` every clean image."""
-    if which == "holdout":
-        return holdout
-    if which != "all":
-        raise SettingsError(f"guard_images must be 'holdout' or 'all', got {which!r}")
-    if holdout is None or not len(holdout):
-        return clean
-    return ImageSet(np.concatenate([clean.x, holdout.x]), np.concatenate([clean.y, holdout.y]),
-                    clean.class_names, clean.source)
+def _guard_images(which: str, clean: ImageSet, holdout: Optional[ImageSet]) -> list[Optional[ImageSet]]:
+    """The image sets whose accuracy the guard watches: ``[holdout]``; with ``which="all"`` every clean
+    image; with ``"either"`` both (a round passes when either stays within the guard)."""
+    if which not in ("holdout", "all", "either"):
+        raise SettingsError(f"guard_images must be 'holdout', 'all' or 'either', got {which!r}")
+    every = clean if holdout is None or not len(holdout) else ImageSet(
+        np.concatenate([clean.x, holdout.x]), np.concatenate([clean.y, holdout.y]), clean.class_names, clean.source)
+    return {"holdout": [holdout], "all": [every], "either": [holdout, every]}[which]
 
 
 def _accuracy(net, images: Optional[ImageSet], device: str) -> Optional[float]:
@@ -251,10 +249,11 @@ class TriggerUnlearning(Refinement):
                 _LOGGER.warning("unlearning skipped: no initializer of the model matched its torch weights")
                 return RefinementResult({}, {**metrics, "skipped": 1.0}, time.perf_counter() - start)
             judged = _guard_images(s.guard_images, clean, holdout)
-            start_acc = _accuracy(net, judged, device)
-            guard = MAX_DROP_POINTS
-            if start_acc is not None and s.guard_se:
-                guard = max(guard, s.guard_se * float(np.sqrt(start_acc * (100 - start_acc) / len(judged))))
+            start_accs = [_accuracy(net, images, device) for images in judged]
+            guards = [MAX_DROP_POINTS if a is None or not s.guard_se else
+                      max(MAX_DROP_POINTS, s.guard_se * float(np.sqrt(a * (100 - a) / len(images))))
+                      for a, images in zip(start_accs, judged)]
+            start_acc = start_accs[0]
             kept = [t.tensor.detach().clone() for t in trainable]
             teacher = copy.deepcopy(net).eval()
             triggers: list[Trigger] = []
@@ -270,8 +269,9 @@ class TriggerUnlearning(Refinement):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
                                 stamped=s.stamped, augment=s.augment, device=device, seed=seed + r, cancel=cancel)
-                    acc = _accuracy(net, judged, device)
-                    if acc is None or acc >= start_acc - guard:
+                    accs = [_accuracy(net, images, device) for images in judged]
+                    acc = accs[0]
+                    if any(a is None or a >= a0 - g for a, a0, g in zip(accs, start_accs, guards)):
                         break
                     _LOGGER.info("unlearning round %d at lr %g: guard accuracy %.1f%% (from %.1f%%); "
                                  "back to the last kept weights", r + 1, lr, acc, start_acc)

@@ -230,7 +230,7 @@ def test_the_context_switches_channels_last_for_a_block_only_where_safe(tmp_path
         assert not net.channels_last
 
 
-@pytest.mark.parametrize("which", ["holdout", "all"])
+@pytest.mark.parametrize("which", ["holdout", "all", "either"])
 def test_the_guard_watches_the_held_out_images_or_every_clean_image(tmp_path, monkeypatch, which):
     import anp_onnx.unlearn as unlearn_module
 
@@ -247,14 +247,14 @@ def test_the_guard_watches_the_held_out_images_or_every_clean_image(tmp_path, mo
     path = train_backdoored(tmp_path / "b.onnx", target=0)
     clean, holdout = synthetic_images(120, seed=3), synthetic_images(40, seed=4)
     _refine(path, clean, holdout, target=0)
-    assert sizes and set(sizes) == {40 if which == "holdout" else 160}
+    assert sizes and set(sizes) == {"holdout": {40}, "all": {160}, "either": {40, 160}}[which]
 
 
 def test_an_unknown_guard_image_choice_is_a_settings_error():
     from anp_onnx.unlearn import _guard_images
 
     images = synthetic_images(10, seed=0)
-    assert _guard_images("all", images, None) is images
+    assert _guard_images("all", images, None)[0] is images
     with pytest.raises(anp_onnx.SettingsError, match="guard_images"):
         _guard_images("test", images, images)
 
@@ -362,3 +362,23 @@ def test_round_one_unlearns_the_scans_patch_only_when_asked(tmp_path, monkeypatc
     assert [t.target for t in first] == targets
     assert all(a is b for a, b in zip(first, (scans[0].triggers[t] for t in targets))) == reuse
     assert rebuilt == ([targets] if reuse else [targets, targets])  # round 2 always reconstructs
+
+
+@pytest.mark.parametrize("which", ["holdout", "all", "either"])
+def test_with_either_guard_a_round_passes_when_one_of_its_image_sets_stays_within(tmp_path, monkeypatch, which):
+    import anp_onnx.unlearn as unlearn_module
+
+    monkeypatch.setattr(unlearn_module.TriggerUnlearning, "settings",
+                        unlearn_module.UnlearnSettings(rounds=1, epochs=1, steps=5, scan_steps=3, retries=0,
+                                                       guard_images=which))
+    calls = {40: 0, 160: 0}
+
+    def scripted(net, images, device):  # held-out 40 images fall 10 points, all 160 only 1
+        calls[len(images)] += 1
+        return 90.0 if calls[len(images)] == 1 else {40: 80.0, 160: 89.0}[len(images)]
+
+    monkeypatch.setattr(unlearn_module, "_accuracy", scripted)
+    path = train_backdoored(tmp_path / "b.onnx", target=0)
+    values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0)
+    assert result.metrics["rounds"] == (0 if which == "holdout" else 1)
+    assert bool(values) == (which != "holdout")
