@@ -6,7 +6,8 @@ other classes to it: gradient descent on the cross-entropy towards the class plu
 mask's area (weight raised while the patch works, else lowered). :func:`scan_targets` runs it for
 every class: a backdoor's target needs a far smaller patch than the others (Neural Cleanse, Wang et
 al. S&P 2019; written for anp-onnx). On CPU :func:`reconstruct_each` runs the classes side by side,
-one thread each, with exactly the patches one thread computes in turn. Used by the unlearning refinement (:mod:`anp_onnx.unlearn`).
+one thread each, with exactly the patches one thread computes in turn. Used by the unlearning
+refinement (:mod:`anp_onnx.unlearn`).
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def reconstruct_each(net, images: ImageSet, classes: Sequence[int], *, workers: 
 
     With more than one worker (default :func:`side_by_side_workers`) the classes run side by side, in
     threads of one intra-op thread each: a reconstruction is compute-bound at any batch size, and
-    independent per class, so this uses the cores better than intra-op threads alone (1.12x on the
-    2-core development CPU, benchmarks/README.md), and its patches are exactly those of one thread
+    independent per class, so this uses the cores better than intra-op threads alone (the whole scan
+    1.08x faster on the 2-core development CPU, benchmarks/README.md), and its patches are exactly those of one thread
     computing the classes in turn. ``context`` makes the context each reconstruction runs in (autocast
     is per thread); ``done(class, finished, total)`` is called as each class finishes.
     """

@@ -40,8 +40,8 @@ from .trigger import (TargetScan, Trigger, frozen_weights, reconstruct_each, rec
                       shuffled_batches)
 
 __all__ = ["TRAINABLE_INPUTS", "Trainable", "trainable_initializers", "unlearn", "UnlearnSettings",
-           "TriggerUnlearning", "FastTriggerUnlearning", "Trigger", "TargetScan", "reconstruct_trigger", "reconstruct_each",
-           "scan_targets", "ANOMALY_MIN", "MAX_DROP_POINTS"]
+           "TriggerUnlearning", "FastTriggerUnlearning", "Trigger", "TargetScan", "reconstruct_trigger",
+           "reconstruct_each", "scan_targets", "ANOMALY_MIN", "MAX_DROP_POINTS"]
 
 _LOGGER = logging.getLogger(__name__)
 
