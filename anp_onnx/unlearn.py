@@ -170,7 +170,8 @@ class UnlearnSettings:
     scan_steps: int = 300  # per class (100 left the backdoor's class within noise of the others; README)
     retries: int = 2  # a round over the accuracy guard is redone from the kept weights at a third of the lr
     guard_se: float = 0.0  # the guard's drop is at least this many standard errors of the held-out accuracy
-    guard_images: str = "holdout"  # the guard's accuracy: on the held-out images, "all" (training + held out), or "either"
+    guard_images: str = "either"  # a round passes when the held-out or all clean images' accuracy allows it; or
+    # "holdout" / "all" alone (benchmarks/README.md, "Unlearning")
     augment: bool = True  # crop + flip the unlearning's batches
     reuse_scan: bool = False  # round 1 unlearns the scan's patches of its targets instead of reconstructing them
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
@@ -182,7 +183,8 @@ class UnlearnSettings:
 #: on the three clean models, 2.0-2.9 on the backdoored ones without a probe target; benchmarks/README.md,
 #: "A longer scan").
 ANOMALY_MIN = 1.5
-#: A round is kept only while held-out clean accuracy stays within this many points of the start.
+#: A round is kept only while clean accuracy stays within this many points of the start: on the held-out
+#: images or on all clean images (``UnlearnSettings.guard_images``).
 MAX_DROP_POINTS = 3.0
 
 
@@ -215,8 +217,9 @@ class TriggerUnlearning(Refinement):
     """Reconstruct a trigger for the suspected target (and the class a scan finds), then unlearn it.
 
     Skipped when no backdoor is suspected (no probe target and a scan anomaly under
-    :data:`ANOMALY_MIN`); each round is kept only while the held-out accuracy stays within
-    :data:`MAX_DROP_POINTS` of the unrefined model's, else the weights go back to the last kept round.
+    :data:`ANOMALY_MIN`); each round is kept only while the accuracy on the held-out images, or on all
+    clean images, stays within :data:`MAX_DROP_POINTS` of the unrefined model's, else the weights go
+    back to the last kept round.
     """
 
     name = "unlearn"
