@@ -167,8 +167,8 @@ def reconstruct_each(net, images: ImageSet, classes: Sequence[int], *, workers: 
     With more than one worker (default :func:`side_by_side_workers`) the classes run side by side, in
     threads of one intra-op thread each: a reconstruction is compute-bound at any batch size, and
     independent per class, so this uses the cores better than intra-op threads alone (the whole scan
-    1.08x faster on the 2-core development CPU, benchmarks/README.md), and its patches are exactly those of one thread
-    computing the classes in turn. ``context`` makes the context each reconstruction runs in (autocast
+    1.08x faster on the 2-core development CPU, benchmarks/README.md), and its patches are exactly
+    those of one thread computing the classes in turn. ``context`` makes the context each reconstruction runs in (autocast
     is per thread); ``done(class, finished, total)`` is called as each class finishes.
     """
     classes = list(classes)
@@ -189,15 +189,14 @@ def reconstruct_each(net, images: ImageSet, classes: Sequence[int], *, workers: 
     torch.set_num_threads(1)  # read by each new thread when it starts computing
     try:
         with frozen_weights(net), ThreadPoolExecutor(workers) as pool:
-            jobs = [pool.submit(one, c, token) for c in classes]
-            of = {job: c for job, c in zip(jobs, classes)}
+            jobs = {pool.submit(one, c, token): c for c in classes}  # in the order of classes
             for finished, job in enumerate(as_completed(jobs), 1):
                 if job.exception() is not None:
                     token.cancel()  # the others stop at their next step
                     break
                 if done is not None:
-                    done(of[job], finished, len(classes))
-        errors = [j.exception() for j in jobs if j.done() and j.exception() is not None]
+                    done(jobs[job], finished, len(classes))
+        errors = [j.exception() for j in jobs if j.exception() is not None]  # all done: the pool has shut down
         if errors:  # a job's own error before the Cancelled it caused in the others
             raise ([e for e in errors if not isinstance(e, Cancelled)] or errors)[0]
         return [j.result() for j in jobs]

@@ -199,9 +199,23 @@ def _guard_images(which: str, clean: ImageSet, holdout: Optional[ImageSet]) -> l
     image; with ``"either"`` both (a round passes when either stays within the guard)."""
     if which not in ("holdout", "all", "either"):
         raise SettingsError(f"guard_images must be 'holdout', 'all' or 'either', got {which!r}")
+    if which == "holdout":
+        return [holdout]
     every = clean if holdout is None or not len(holdout) else ImageSet(
         np.concatenate([clean.x, holdout.x]), np.concatenate([clean.y, holdout.y]), clean.class_names, clean.source)
-    return {"holdout": [holdout], "all": [every], "either": [holdout, every]}[which]
+    return [every] if which == "all" else [holdout, every]
+
+
+def _within_guard(net, judged, start_accs, guards, device: str) -> tuple[bool, Optional[float]]:
+    """Whether a set of ``judged`` keeps its accuracy within its guard (checked in order, up to the
+    first that does), and the first set's accuracy."""
+    first = None
+    for i, (images, a0, g) in enumerate(zip(judged, start_accs, guards)):
+        a = _accuracy(net, images, device)
+        first = a if i == 0 else first
+        if a is None or a >= a0 - g:
+            return True, first
+    return False, first
 
 
 def _accuracy(net, images: Optional[ImageSet], device: str) -> Optional[float]:
@@ -272,9 +286,8 @@ class TriggerUnlearning(Refinement):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
                                 stamped=s.stamped, augment=s.augment, device=device, seed=seed + r, cancel=cancel)
-                    accs = [_accuracy(net, images, device) for images in judged]
-                    acc = accs[0]
-                    if any(a is None or a >= a0 - g for a, a0, g in zip(accs, start_accs, guards)):
+                    passed, acc = _within_guard(net, judged, start_accs, guards, device)
+                    if passed:
                         break
                     _LOGGER.info("unlearning round %d at lr %g: guard accuracy %.1f%% (from %.1f%%); "
                                  "back to the last kept weights", r + 1, lr, acc, start_acc)

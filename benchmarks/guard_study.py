@@ -6,13 +6,13 @@ the guard's retries would try (lr, lr/3, lr/9 from the round's current lr), each
 weights. Every candidate gets the test ACC / ASR (the truth, never available to a repair) and a set
 of clean-data proxies measured on the repair's held-out images and the training images:
 
-* ``acc_h``: held-out accuracy (today's guard), ``acc_h_aug``: the same over 8 fixed augmented views
+* ``acc_h``: held-out accuracy (the held-out guard's figure), ``acc_h_aug``: the same over 8 fixed augmented views
   (crop + flip) of each held-out image, ``acc_t``: accuracy on the training images;
 * ``agree_h`` / ``agree_h_aug``: agreement with the original model's predictions on them;
 * ``agree_mix``: agreement with the original on 1,000 fixed mixtures of two clean images (0.3-0.7);
 * ``ce_h``: held-out cross-entropy, ``kl_h``: KL(original || candidate) on the held-out images.
 
-The next round continues from the candidate today's guard keeps (held-out drop <= 3 points, first
+The next round continues from the candidate the held-out guard keeps (held-out drop <= 3 points, first
 lr that passes), so the default's own path is among the candidates. One JSON line per candidate:
 
     python benchmarks/guard_study.py ibau_trojan_vgg sash_badnet_cifar --out /tmp/guard.jsonl
