@@ -11,14 +11,14 @@ settings with the same lines on every model give bit-identical repaired models.
     python benchmarks/scan_decisions.py --no-oracle --unlearn scan_steps=200 --out /tmp/scan200.json
     python benchmarks/scan_decisions.py --no-oracle --models clean --seed 1 --unlearn scan_steps=200
 
-Models that stop before the scan (an error, or no unlearning run) show the quality row's error.
+Models that stop before the scan (an error, or no unlearning run) print no line; quality.py's
+rows (on stderr, and in ``--out``) say why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -29,50 +29,49 @@ sys.path.insert(0, str(ROOT))
 import anp_onnx.unlearn as unlearn_module  # noqa: E402
 from benchmarks import quality  # noqa: E402
 
-MARK = "SCAN "
-
 
 class _ScanDone(Exception):
-    """Raised by the wrapped scan with its result, to end the repair there."""
+    """Ends a repair right after its scan; ``args[0]``: the scan's decisions (a dict)."""
 
 
 @contextlib.contextmanager
-def stopped_after_scan() -> Iterator[None]:
-    """Every unlearning ends right after its scan, raising ``RuntimeError(MARK + facts as JSON)``."""
-    scan_targets, run = unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run
+def stopped_after_scan(decisions: list[tuple[str, dict]]) -> Iterator[None]:
+    """Every bench repair ends right after its unlearning's scan; ``(model name, decisions)`` is
+    appended to ``decisions`` and the row is an error row ("stopped after the scan")."""
+    scan_targets, run, run_model = (unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run,
+                                    quality.run_model)
 
     def scan(*args, **kwargs):
-        raise _ScanDone(scan_targets(*args, **kwargs))
+        raise _ScanDone(scan_targets(*args, **kwargs).to_dict())
 
     def stopped_run(self, ctx, plan, clean, *, target=None, **kwargs):
         try:
             return run(self, ctx, plan, clean, target=target, **kwargs)
-        except _ScanDone as done:
-            facts = {"target": target, "scan_steps": self.settings.scan_steps, **done.args[0].to_dict()}
-            raise RuntimeError(MARK + json.dumps(facts)) from None
+        except _ScanDone as done:  # the probe's target is known here, not in the scan
+            raise _ScanDone({"target": target, "scan_steps": self.settings.scan_steps, **done.args[0]}) from None
 
-    unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run = scan, stopped_run
+    def stopped_model(model, *args, **kwargs):
+        try:
+            return run_model(model, *args, **kwargs)
+        except _ScanDone as done:
+            decisions.append((model.name, done.args[0]))
+            return {"model": model.name, "source": model.source, "error": "stopped after the scan"}
+
+    unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run, quality.run_model = (
+        scan, stopped_run, stopped_model)
     try:
         yield
     finally:
-        unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run = scan_targets, run
+        unlearn_module.scan_targets, unlearn_module.TriggerUnlearning.run, quality.run_model = (
+            scan_targets, run, run_model)
 
 
 def main(argv=None) -> int:
-    err = io.StringIO()
-    # quality.py prints one JSON row per model (and the tracebacks) on stderr, its table on stdout
-    with stopped_after_scan(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    decisions: list[tuple[str, dict]] = []
+    with stopped_after_scan(decisions), contextlib.redirect_stdout(io.StringIO()):  # not quality.py's table
         code = quality.main(argv)
-    for line in err.getvalue().splitlines():
-        if not line.startswith("{"):
-            continue
-        row = json.loads(line)
-        error = row.get("error", "")
-        if MARK not in error:
-            print(f"{row['model']}: no scan ({error or 'the repair ended without one'})")
-            continue
-        s = json.loads(error.split(MARK, 1)[1])
-        print(f"{row['model']}: probe {s['target']}, scan smallest {s['smallest']}, anomaly {s['anomaly']:.2f} "
+    for name, s in decisions:
+        print(f"{name}: probe {s['target']}, scan smallest {s['smallest']}, anomaly {s['anomaly']:.2f} "
               f"({s['scan_steps']} steps)")
     return code
 
