@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import oracle  # noqa: E402
+from benchmarks.host import cpu_facts  # noqa: E402
 from benchmarks.bench_models import CIFAR_PICK_SEED, DEFAULT_SHARED, LEFT_OUT, BenchModel, bench_models  # noqa: E402
 from benchmarks.quality_table import ORACLE_NOTE, summary, table  # noqa: E402
 
@@ -176,7 +177,7 @@ def machine() -> dict:
 
     return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(),
+            "cuda": torch.cuda.is_available(), **cpu_facts(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

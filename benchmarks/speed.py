@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks import native  # noqa: E402
+from benchmarks.host import cpu_facts  # noqa: E402
 from benchmarks.loops import LoopSettings, floor_loop, reference_loop  # noqa: E402
 
 CLEAN = native.SAMPLES / "data" / "clean_500.npz"
@@ -91,7 +92,7 @@ def machine() -> dict:
     facts = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
              "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
              "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-             "cuda": torch.cuda.is_available()}
+             "cuda": torch.cuda.is_available(), **cpu_facts()}
     if torch.cuda.is_available():
         facts["cuda_device"] = torch.cuda.get_device_name(0)
     return facts

@@ -158,3 +158,13 @@ def test_stage_timer_charges_calls_inside_an_inclusive_stage_to_it() -> None:
     inner()  # outside the scan: the reconstruction's own
     assert timer.calls == {"m.reconstruct": 3, "m.scan": 1}
     assert timer.seconds[scan] >= 0.04 and 0.02 <= timer.seconds["unlearn: reconstruct"] < 0.04
+
+
+def test_the_cpu_facts_name_the_model_and_the_features_that_change_speed(tmp_path):
+    from benchmarks.host import cpu_facts
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n")
+    assert cpu_facts(info) == {"cpu_model": "AMD EPYC 9R14", "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}
+    assert cpu_facts(tmp_path / "missing") == {"cpu_model": None, "cpu_features": []}
