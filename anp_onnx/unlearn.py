@@ -102,14 +102,15 @@ def trainable_initializers(ctx) -> list[Trainable]:
 def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequence[Trigger], *,
             teacher: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, epochs: int = 20,
             batch_size: int = 64, lr: float = 0.01, stamped: float = 0.5, temperature: float = 2.0,
-            augment: bool = True, device: str = "cpu", seed: int = 0,
+            augment: bool = True, sam_rho: float = 0.0, device: str = "cpu", seed: int = 0,
             progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None) -> dict[str, float]:
     """Fine-tune ``trainable`` so stamped images get the teacher's outputs on the unstamped ones.
 
     ``teacher`` maps a batch to the logits to imitate (default: ``net`` as it is before training);
     ``stamped`` is the share of each batch that carries a trigger (each image one of ``triggers``,
     in turn); ``augment`` crops and flips each batch (:func:`~anp_onnx.augment.augment_batch`) before
-    it is stamped. Returns the last epoch's loss.
+    it is stamped. ``sam_rho`` > 0: each step takes the gradient at weights moved by adaptive
+    sharpness-aware minimisation (:func:`_sam_step`). Returns the last epoch's loss.
     """
     x_all = torch.from_numpy(images.x)
     net.eval()
@@ -138,6 +139,9 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
                     loss = F.kl_div(logp, soft, reduction="batchmean")
                     opt.zero_grad()
                     loss.backward()
+                    if sam_rho > 0:
+                        _sam_step(tensors, sam_rho, lambda: F.kl_div(F.log_softmax(net(x) / temperature, dim=1),
+                                                                     soft, reduction="batchmean"))
                     opt.step()
                     total, count = total + float(loss.detach()) * len(idx), count + len(idx)
                 loss_value = total / max(count, 1)
@@ -146,6 +150,29 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
             for t in tensors:  # buffers made trainable here; parameters get their flags back from frozen_weights
                 t.requires_grad_(False)
     return {"loss": loss_value}
+
+
+def _sam_step(tensors: Sequence[torch.Tensor], rho: float, loss_fn: Callable[[], torch.Tensor]) -> None:
+    """Replace the gradients of ``tensors`` by those at the adaptive-SAM neighbour of the weights.
+
+    The weights move by ``rho * w^2 * g / ||w * g||`` (Kwon et al. ICML 2021: the worst case within
+    ``rho`` of relative size, so large weights move most), ``loss_fn`` is backpropagated there, and
+    the weights go back; the optimiser then steps with the new gradients.
+    """
+    with torch.no_grad():
+        scaled = [t.abs() * t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
+        norm = float(np.sqrt(sum(float((s * s).sum()) for s in scaled))) + 1e-12
+        moves = [rho * t.abs() * s / norm for t, s in zip(tensors, scaled)]
+        for t, e in zip(tensors, moves):
+            t.add_(e)
+    for t in tensors:
+        t.grad = None
+    try:
+        loss_fn().backward()
+    finally:
+        with torch.no_grad():
+            for t, e in zip(tensors, moves):
+                t.sub_(e)
 
 
 def _stamp_each(triggers: Sequence[Trigger], x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +204,7 @@ class UnlearnSettings:
     reuse_scan: bool = False  # round 1 unlearns the scan's patches of its targets instead of reconstructing them
     precision: str = "fp32"  # the rounds' reconstruction and training: anp_onnx.precision (scan, guard: float32)
     channels_last: bool = True  # compute on channels-last tensors where the ops allow (CPU: ~1.3x; float rounding)
+    sam_rho: float = 0.0  # > 0: adaptive sharpness-aware steps in the unlearning (twice the passes)
 
 
 #: Unlearning runs only when a backdoor is suspected: the collapse probe named a target, or the scan's
@@ -286,7 +314,8 @@ class TriggerUnlearning(Refinement):
                 for attempt in range(s.retries + 1):
                     with autocast(precision, device):
                         unlearn(net, trainable, clean, triggers, teacher=teacher, epochs=s.epochs, lr=lr,
-                                stamped=s.stamped, augment=s.augment, device=device, seed=seed + r, cancel=cancel)
+                                stamped=s.stamped, augment=s.augment, sam_rho=s.sam_rho, device=device,
+                                seed=seed + r, cancel=cancel)
                     passed, acc = _within_guard(net, judged, start_accs, guards, device)
                     if passed:
                         break

@@ -382,3 +382,24 @@ def test_with_either_guard_a_round_passes_when_one_of_its_image_sets_stays_withi
     values, result = _refine(path, synthetic_images(120, seed=3), synthetic_images(40, seed=4), target=0)
     assert result.metrics["rounds"] == (0 if which == "holdout" else 1)
     assert bool(values) == (which != "holdout")
+
+
+def test_a_sam_step_puts_the_weights_back_and_follows_the_gradient_at_the_moved_weights():
+    import torch
+
+    from anp_onnx.unlearn import _sam_step
+
+    w = torch.tensor([2.0, -1.0, 0.5], requires_grad=True)
+    target = torch.tensor([1.0, 1.0, 1.0])
+
+    def loss():
+        return ((w - target) ** 2 * torch.tensor([1.0, 3.0, 2.0])).sum()
+
+    loss().backward()
+    g = w.grad.clone()
+    _sam_step([w], 0.5, loss)
+    np.testing.assert_array_equal(w.detach().numpy(), [2.0, -1.0, 0.5])  # back where they were
+    moved = w.detach() + 0.5 * w.detach().abs() * (w.detach().abs() * g) / float((w.detach().abs() * g).norm())
+    expected = 2 * (moved - target) * torch.tensor([1.0, 3.0, 2.0])  # the gradient there, not at w
+    np.testing.assert_allclose(w.grad.numpy(), expected.numpy(), rtol=1e-6)
+    assert not torch.allclose(w.grad, g)
