@@ -135,13 +135,11 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
                     with torch.no_grad():
                         soft = F.softmax(teacher(x) / temperature, dim=1)
                     x = torch.cat([_stamp_each(triggers, x[:k]), x[k:]])
-                    logp = F.log_softmax(net(x) / temperature, dim=1)
-                    loss = F.kl_div(logp, soft, reduction="batchmean")
+                    loss = _distill_loss(net, x, soft, temperature)
                     opt.zero_grad()
                     loss.backward()
                     if sam_rho > 0:
-                        _sam_step(tensors, sam_rho, lambda: F.kl_div(F.log_softmax(net(x) / temperature, dim=1),
-                                                                     soft, reduction="batchmean"))
+                        _sam_step(tensors, sam_rho, lambda: _distill_loss(net, x, soft, temperature))
                     opt.step()
                     total, count = total + float(loss.detach()) * len(idx), count + len(idx)
                 loss_value = total / max(count, 1)
@@ -150,6 +148,11 @@ def unlearn(net, trainable: list[Trainable], images: ImageSet, triggers: Sequenc
             for t in tensors:  # buffers made trainable here; parameters get their flags back from frozen_weights
                 t.requires_grad_(False)
     return {"loss": loss_value}
+
+
+def _distill_loss(net, x: torch.Tensor, soft: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence of ``net``'s tempered outputs on ``x`` from the teacher's ``soft`` targets."""
+    return F.kl_div(F.log_softmax(net(x) / temperature, dim=1), soft, reduction="batchmean")
 
 
 def _sam_step(tensors: Sequence[torch.Tensor], rho: float, loss_fn: Callable[[], torch.Tensor]) -> None:
@@ -161,7 +164,7 @@ def _sam_step(tensors: Sequence[torch.Tensor], rho: float, loss_fn: Callable[[],
     """
     with torch.no_grad():
         scaled = [t.abs() * t.grad if t.grad is not None else torch.zeros_like(t) for t in tensors]
-        norm = float(np.sqrt(sum(float((s * s).sum()) for s in scaled))) + 1e-12
+        norm = float(torch.stack([s.norm() for s in scaled]).norm()) + 1e-12
         moves = [rho * t.abs() * s / norm for t, s in zip(tensors, scaled)]
         for t, e in zip(tensors, moves):
             t.add_(e)

@@ -15,7 +15,6 @@ def cpu_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         text = cpuinfo.read_text()
     except OSError:
         return {"cpu_model": None, "cpu_features": []}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
     flags = set(fields.get("flags", "").split())
     return {"cpu_model": fields.get("model name"), "cpu_features": [f for f in FEATURES if f in flags]}
