@@ -106,13 +106,14 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
     from anp_onnx.options import DEFAULT_HOLDOUT
 
     sets = model.write_sets(tmp / model.name)
+    files = args.keep or tmp
     one_target = model.mode == "all-to-one"
     t0 = time.perf_counter()
     result = anp_onnx.repair(
-        model.path, sets.clean, out=tmp / f"{model.name}.onnx", config=config, pruning=pruning,
+        model.path, sets.clean, out=files / f"{model.name}.onnx", config=config, pruning=pruning,
         preprocessing=model.preprocessing, test_data=sets.test,
         poisoned_data=sets.triggered if one_target else None, target=model.target if one_target else None,
-        masks_out=tmp / f"{model.name}.masks.json", report=False, refinements=args.refinements)
+        masks_out=files / f"{model.name}.masks.json", report=False, refinements=args.refinements)
     seconds = time.perf_counter() - t0
     opt = result.optimisation
     row = {
@@ -206,6 +207,8 @@ def main(argv=None) -> int:
     p.add_argument("--summary", action="store_true", help="also print how many models meet the targets")
     p.add_argument("--from", dest="from_json", type=Path, nargs="+",
                    help="print the table of saved JSON files, their rows together (no run)")
+    p.add_argument("--keep", type=Path, metavar="DIR",
+                   help="keep every repaired ONNX file and its masks in DIR (never commit the public bench's)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quality.json")
     args = p.parse_args(argv)
     if args.refinements is None:
@@ -245,6 +248,8 @@ def main(argv=None) -> int:
     for name, why in missing.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     rows = []
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
             try:

@@ -134,3 +134,17 @@ def test_search_stops_once_accuracy_is_at_chance():
 
     front, measured = oracle.search(lambda k: 0.0, acc_at, 400, points=20, floor=0.15)
     assert front.count == 0 and max(measured) == 70  # 60 and 70 at chance: the grid stops there
+
+
+def test_interpolation_study_reads_rows_from_the_json_and_from_stderr_logs(tmp_path):
+    import json
+
+    from benchmarks.interpolate_study import read_rows
+
+    out = tmp_path / "q.json"
+    out.write_text(json.dumps({"rows": [{"model": "a", "acc_after": 0.5}, {"model": "b", "error": "boom"}]}))
+    log = tmp_path / "q.err"
+    log.write_text("some progress line\n" + json.dumps({"model": "c", "acc_after": 0.7}) + "\nTraceback ...\n")
+    rows = read_rows([out, log])
+    assert sorted(rows) == ["a", "c"]  # the failed row is left out
+    assert rows["c"]["acc_after"] == 0.7
