@@ -40,6 +40,7 @@ from anp_onnx.options import DEFAULT_HOLDOUT  # noqa: E402
 from anp_onnx.trigger import reconstruct_trigger  # noqa: E402
 from anp_onnx.unlearn import trainable_initializers  # noqa: E402
 from bench_models import bench_models  # noqa: E402
+from unlearn_study import predictions  # noqa: E402
 
 DEFAULT_ALPHAS = (0.0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -55,11 +56,6 @@ def read_rows(paths: list[Path]) -> dict[str, dict]:
             found = [json.loads(line[line.index("{"):]) for line in text.splitlines() if '"model"' in line]
         rows.update({r["model"]: r for r in found if "error" not in r})
     return rows
-
-
-def predictions(net, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return torch.cat([net(torch.from_numpy(x[s:s + 500])).argmax(1) for s in range(0, len(x), 500)]).numpy()
 
 
 def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> list[dict]:
@@ -78,7 +74,7 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> li
                  and (v.shape != original[n].shape or not np.array_equal(v, original[n]))]
     metrics = row.get("refinements", {}).get("unlearn", {}).get("metrics", {})
     targets = [int(metrics[k]) for k in ("target_1", "target_2") if k in metrics]
-    base_pred = predictions(net, clean.x)
+    base_pred = predictions(net, clean)
     out = []
     for a in alphas:
         t0 = time.time()
@@ -86,9 +82,9 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> li
             for n in changed:
                 w1 = torch.from_numpy(np.array(after[n])).to(start[n].dtype)
                 trainable[n].tensor.copy_(start[n] + a * (w1 - start[n]))
-        pt, pc, ph = predictions(net, test.x), predictions(net, clean.x), predictions(net, held.x)
+        pt, pc, ph = predictions(net, test), predictions(net, clean), predictions(net, held)
         point = {"model": model.name, "alpha": a, "acc": round(100 * float((pt == test.y).mean()), 2),
-                 "asr": round(100 * float((predictions(net, triggered.x) == model.target).mean()), 2),
+                 "asr": round(100 * float((predictions(net, triggered) == model.target).mean()), 2),
                  "clean_acc": round(100 * float((pc == clean.y).mean()), 2),
                  "held_acc": round(100 * float((ph == held.y).mean()), 2),
                  "agree": round(100 * float((pc == base_pred).mean()), 2), "patches": []}
