@@ -58,7 +58,16 @@ def read_rows(paths: list[Path]) -> dict[str, dict]:
     return rows
 
 
-def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> list[dict]:
+def fixed_success(net, trigger, images) -> float:
+    """Share of ``images`` of other classes that ``trigger`` (reconstructed once) sends to its target."""
+    keep = images.y != trigger.target
+    with torch.inference_mode():
+        x = torch.from_numpy(images.x[keep])
+        pred = torch.cat([net(trigger.stamp(x[s:s + 500])).argmax(1) for s in range(0, len(x), 500)])
+    return round(100 * float((pred == trigger.target).float().mean()), 2)
+
+
+def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path, fixed: bool = False) -> list[dict]:
     sets = model.write_sets(tmp / model.name)
     rep = anp_onnx.Repairer.open(model.path, preprocessing=model.preprocessing)
     clean = rep.load_data(sets.clean)
@@ -75,6 +84,8 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> li
     metrics = row.get("refinements", {}).get("unlearn", {}).get("metrics", {})
     targets = [int(metrics[k]) for k in ("target_1", "target_2") if k in metrics]
     base_pred = predictions(net, clean)
+    # --fixed: the patches round 1 unlearns (same images, steps and seed), on the original weights
+    once = [reconstruct_trigger(net, train, t, steps=steps, seed=0) for t in targets] if fixed else []
     out = []
     for a in alphas:
         t0 = time.time()
@@ -88,7 +99,10 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path) -> li
                  "clean_acc": round(100 * float((pc == clean.y).mean()), 2),
                  "held_acc": round(100 * float((ph == held.y).mean()), 2),
                  "agree": round(100 * float((pc == base_pred).mean()), 2), "patches": []}
-        for t in targets:
+        for trig in once:
+            point["patches"].append({"target": trig.target, "fixed_train": fixed_success(net, trig, train),
+                                     "fixed_held": fixed_success(net, trig, held)})
+        for t in targets if not fixed else ():
             trig = reconstruct_trigger(net, train, t, steps=steps, seed=0)
             point["patches"].append({"target": t, "area": round(trig.area, 1), "success": round(trig.success, 3)})
         point["seconds"] = round(time.time() - t0, 1)
@@ -107,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", help="rows to study (default: every row with a repaired file)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
     p.add_argument("--steps", type=int, default=300, help="reconstruction steps per class and point")
+    p.add_argument("--fixed", action="store_true",
+                   help="reconstruct each class's patch once on the original weights (round 1's patch) and "
+                        "report its success at every point on the training and held-out splits, instead of "
+                        "reconstructing afresh at each point (forward passes only)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = read_rows(args.rows)
@@ -120,7 +138,7 @@ def main(argv=None) -> int:
             if m.name not in rows or not repaired.exists() or m.mode != "all-to-one":
                 print(f"skipped {m.name}: no row, no repaired file or not all-to-one", file=sys.stderr)
                 continue
-            study(m, rows[m.name], repaired, args.alphas, args.steps, Path(tmp))
+            study(m, rows[m.name], repaired, args.alphas, args.steps, Path(tmp), fixed=args.fixed)
     return 0
 
 

@@ -148,3 +148,25 @@ def test_interpolation_study_reads_rows_from_the_json_and_from_stderr_logs(tmp_p
     rows = read_rows([out, log])
     assert sorted(rows) == ["a", "c"]  # the failed row is left out
     assert rows["c"]["acc_after"] == 0.7
+
+
+def test_the_interpolation_study_counts_a_fixed_patchs_hits_on_other_classes_only():
+    import torch
+
+    from anp_onnx.data import ImageSet
+    from anp_onnx.trigger import Trigger
+    from benchmarks.interpolate_study import fixed_success
+
+    def net(x):  # class 1 for bright images, else 0
+        bright = (x.mean((1, 2, 3)) > 0.5).float()
+        return torch.stack([1 - bright, bright], 1)
+
+    x = np.zeros((6, 1, 4, 4), np.float32)
+    x[4:] = 1.0  # two bright images of class 1: not counted
+    images = ImageSet(x, np.array([0, 0, 0, 0, 1, 1]), ["a", "b"], "test")
+    half = torch.zeros(1, 1, 4, 4)
+    half[..., :3, :] = 1.0  # 12 of 16 pixels white: the image's mean is 0.75
+    patch = Trigger(1, half, torch.ones(1, 1, 4, 4), 0.0, 12.0)
+    assert fixed_success(net, patch, images) == 100.0
+    weak = Trigger(1, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 0.0, 0.0)  # stamps nothing
+    assert fixed_success(net, weak, images) == 0.0
