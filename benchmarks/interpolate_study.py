@@ -1,7 +1,8 @@
 """Study: the weights on the line from the original model to its repair (diagnosis; not the method).
 
 For each model, the weights ``w0 + a * (w1 - w0)`` for every ``a`` of ``--alphas``, where ``w0`` is the
-original ONNX file's initializers and ``w1`` the repaired file's (kept by ``quality.py --keep DIR``).
+original ONNX file's initializers and ``w1`` the repaired file's (kept by ``quality.py --keep DIR``);
+with several ``--keep`` folders (repairs at other seeds), ``w1`` is their mean: a "soup" of repairs.
 Per point, one JSON line on stdout: test ACC / ASR (the triggered TEST set: diagnosis only) and what
 a defender can measure without poisoned data: accuracy on all clean images and on the held-out
 split the repair used, agreement with the original's predictions, and a trigger reconstructed
@@ -67,7 +68,15 @@ def fixed_success(net, trigger, images) -> float:
     return round(100 * float((pred == trigger.target).float().mean()), 2)
 
 
-def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path, fixed: bool = False) -> list[dict]:
+def mean_initializers(paths: list[Path]) -> dict[str, np.ndarray]:
+    """Each initializer's mean over the ONNX files ``paths`` (the same graph repaired at several seeds)."""
+    files = [{i.name: numpy_helper.to_array(i) for i in onnx.load(str(p)).graph.initializer} for p in paths]
+    shared = [n for n in files[0] if all(n in f and f[n].shape == files[0][n].shape for f in files[1:])]
+    return {n: np.mean([f[n] for f in files], axis=0).astype(files[0][n].dtype)
+            if files[0][n].dtype.kind == "f" else files[0][n] for n in shared}
+
+
+def study(model, row: dict, repaired: list[Path], alphas, steps: int, tmp: Path, fixed: bool = False) -> list[dict]:
     sets = model.write_sets(tmp / model.name)
     rep = anp_onnx.Repairer.open(model.path, preprocessing=model.preprocessing)
     clean = rep.load_data(sets.clean)
@@ -75,7 +84,7 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path, fixed
     test, triggered = rep.load_data(sets.test), rep.load_data(sets.triggered)
     net = rep.ctx.net.eval()
     trainable = {t.name: t for t in trainable_initializers(rep.ctx)}
-    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(repaired)).graph.initializer}
+    after = mean_initializers(repaired)
     start = {name: t.tensor.detach().clone() for name, t in trainable.items()}
     changed = [n for n, t in trainable.items() if n in after and not np.array_equal(after[n], start[n].numpy())]
     original = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(model.path)).graph.initializer}
@@ -116,7 +125,8 @@ def study(model, row: dict, repaired: Path, alphas, steps: int, tmp: Path, fixed
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--keep", type=Path, required=True, help="the folder of quality.py --keep (repaired files)")
+    p.add_argument("--keep", type=Path, nargs="+", required=True,
+                   help="the folder of quality.py --keep (repaired files); several: their mean is the repair")
     p.add_argument("--rows", type=Path, nargs="+", required=True, help="quality.py --out JSON or stderr logs")
     p.add_argument("--models", nargs="+", help="rows to study (default: every row with a repaired file)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
@@ -128,14 +138,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = read_rows(args.rows)
-    names = args.models or [n for n in rows if (args.keep / f"{n}.onnx").exists()]
+    names = args.models or [n for n in rows if all((k / f"{n}.onnx").exists() for k in args.keep)]
     models, missing = bench_models().select(names)
     for name, why in missing.items():
         print(f"skipped {name}: {why}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         for m in models:
-            repaired = args.keep / f"{m.name}.onnx"
-            if m.name not in rows or not repaired.exists() or m.mode != "all-to-one":
+            repaired = [k / f"{m.name}.onnx" for k in args.keep]
+            if m.name not in rows or not all(r.exists() for r in repaired) or m.mode != "all-to-one":
                 print(f"skipped {m.name}: no row, no repaired file or not all-to-one", file=sys.stderr)
                 continue
             study(m, rows[m.name], repaired, args.alphas, args.steps, Path(tmp), fixed=args.fixed)

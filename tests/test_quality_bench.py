@@ -170,3 +170,23 @@ def test_the_interpolation_study_counts_a_fixed_patchs_hits_on_other_classes_onl
     assert fixed_success(net, patch, images) == 100.0
     weak = Trigger(1, torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 0.0, 0.0)  # stamps nothing
     assert fixed_success(net, weak, images) == 0.0
+
+
+def test_the_interpolation_study_averages_repairs_of_one_graph_and_keeps_integer_initializers(tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from benchmarks.interpolate_study import mean_initializers
+
+    def model(path, w):
+        inits = [numpy_helper.from_array(np.array(w, np.float32), "w"),
+                 numpy_helper.from_array(np.array([2, 3], np.int64), "shape")]
+        graph = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["y"])], "g",
+                                  [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])], inits)
+        onnx.save(helper.make_model(graph), str(path))
+        return path
+
+    mean = mean_initializers([model(tmp_path / "a.onnx", [1.0, 4.0]), model(tmp_path / "b.onnx", [3.0, 0.0])])
+    np.testing.assert_array_equal(mean["w"], [2.0, 2.0])
+    assert mean["w"].dtype == np.float32 and mean["shape"].tolist() == [2, 3]
