@@ -15,7 +15,8 @@ patch is small before the repair and grows as it goes).
 The question it answers (benchmarks/README.md, "Unlearning"): whether a point short of the repair
 keeps its ASR and wins back accuracy, and whether a poison-free signal says where that point is.
 Torch, one thread; the held-out split is seed 0's (rows of ``quality.py --seed 0``). At ``a = 1`` the
-row's onnxruntime accuracy is printed beside the torch figure (``row_acc_after``) to compare.
+row's onnxruntime accuracy is printed beside the torch figure (``row_acc_after``) to compare (with a
+soup, that is the ``--rows`` repair's, one of the soup's).
 """
 
 from __future__ import annotations
