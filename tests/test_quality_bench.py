@@ -1,7 +1,9 @@
-"""The development bench's own pieces (benchmarks/oracle.py, bench_models.py, quality_table.py).
+"""The development bench's own pieces (benchmarks/oracle.py, bench_models.py, quality_table.py,
+interpolate_study.py's helpers).
 
-Fast and without ../shared or torch: the oracle frontier on synthetic curves, the model registry
-with an empty shared folder, the card preprocessing and the data sets a sample row writes.
+Fast and without ../shared: the oracle frontier on synthetic curves, the model registry with an
+empty shared folder, the card preprocessing and the data sets a sample row writes; the line
+study's row reading, fixed-patch success and soup of initializers (torch and onnx, tiny inputs).
 """
 
 from __future__ import annotations
