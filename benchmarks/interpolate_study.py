@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import anp_onnx  # noqa: E402
+from anp_onnx.convert import torch_logits  # noqa: E402
 from anp_onnx.options import DEFAULT_HOLDOUT  # noqa: E402
 from anp_onnx.trigger import reconstruct_trigger  # noqa: E402
 from anp_onnx.unlearn import trainable_initializers  # noqa: E402
@@ -62,11 +63,9 @@ def read_rows(paths: list[Path]) -> dict[str, dict]:
 
 def fixed_success(net, trigger, images) -> float:
     """Share of ``images`` of other classes that ``trigger`` (reconstructed once) sends to its target."""
-    keep = images.y != trigger.target
     with torch.inference_mode():
-        x = torch.from_numpy(images.x[keep])
-        pred = torch.cat([net(trigger.stamp(x[s:s + 500])).argmax(1) for s in range(0, len(x), 500)])
-    return round(100 * float((pred == trigger.target).float().mean()), 2)
+        pred = torch_logits(lambda x: net(trigger.stamp(x)), images.x[images.y != trigger.target]).argmax(1)
+    return round(100 * float((pred == trigger.target).mean()), 2)
 
 
 def mean_initializers(paths: list[Path]) -> dict[str, np.ndarray]:
@@ -94,14 +93,14 @@ def study(model, row: dict, repaired: list[Path], alphas, steps: int, tmp: Path,
     metrics = row.get("refinements", {}).get("unlearn", {}).get("metrics", {})
     targets = [int(metrics[k]) for k in ("target_1", "target_2") if k in metrics]
     base_pred = predictions(net, clean)
+    ends = {n: torch.from_numpy(np.array(after[n])).to(start[n].dtype) for n in changed}
     # --fixed: the patches round 1 unlearns (same images, steps and seed), on the original weights
     once = [reconstruct_trigger(net, train, t, steps=steps, seed=0) for t in targets] if fixed else []
     out = []
     for a in alphas:
         t0 = time.time()
         with torch.no_grad():
-            for n in changed:
-                w1 = torch.from_numpy(np.array(after[n])).to(start[n].dtype)
+            for n, w1 in ends.items():
                 trainable[n].tensor.copy_(start[n] + a * (w1 - start[n]))
         pt, pc, ph = predictions(net, test), predictions(net, clean), predictions(net, held)
         point = {"model": model.name, "alpha": a, "acc": round(100 * float((pt == test.y).mean()), 2),
@@ -112,7 +111,7 @@ def study(model, row: dict, repaired: list[Path], alphas, steps: int, tmp: Path,
         for trig in once:
             point["patches"].append({"target": trig.target, "fixed_train": fixed_success(net, trig, train),
                                      "fixed_held": fixed_success(net, trig, held)})
-        for t in targets if not fixed else ():
+        for t in [] if fixed else targets:
             trig = reconstruct_trigger(net, train, t, steps=steps, seed=0)
             point["patches"].append({"target": t, "area": round(trig.area, 1), "success": round(trig.success, 3)})
         point["seconds"] = round(time.time() - t0, 1)
