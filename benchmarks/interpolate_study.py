@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, nargs="+", required=True, help="quality.py --out JSON or stderr logs")
     p.add_argument("--models", nargs="+", help="rows to study (default: every row with a repaired file)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS))
-    p.add_argument("--steps", type=int, default=300, help="reconstruction steps per class and point")
+    p.add_argument("--steps", type=int, default=300, help="reconstruction steps per class and point (with --fixed: per class, once)")
     p.add_argument("--fixed", action="store_true",
                    help="reconstruct each class's patch once on the original weights (round 1's patch) and "
                         "report its success at every point on the training and held-out splits, instead of "
