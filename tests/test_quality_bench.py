@@ -68,7 +68,7 @@ def test_attack_success_modes():
 
 def test_registry_skips_public_models_without_shared(tmp_path):
     reg = bench_models.bench_models(tmp_path)
-    assert [m.group for m in reg.models] == ["samples"] * 6 + ["clean"] * 2  # the bundled clean PreActs
+    assert [m.group for m in reg.models] == ["samples"] * 7 + ["clean"] * 2  # the bundled clean PreActs
     public = [n for files in bench_models.PUBLIC.values() for n in files]
     assert len(public) == 8
     assert {n.removesuffix(".onnx") for n in public} | {"cifar10_small"} <= set(reg.missing)
@@ -77,7 +77,7 @@ def test_registry_skips_public_models_without_shared(tmp_path):
     assert "kabu_simplecnn_checker_folded" in missing and "cifar10_small" in missing
     chosen, missing = reg.select(["ibau_badnets_vgg", "kabu_simplecnn_checker"])
     assert [m.name for m in chosen] == ["ibau_badnets_vgg"] and list(missing) == ["kabu_simplecnn_checker"]
-    assert len(reg.select(None)[0]) == 8
+    assert len(reg.select(None)[0]) == 9
     with pytest.raises(KeyError):
         reg.select(["no_such_model"])
 
@@ -90,6 +90,16 @@ def test_sample_row_writes_its_sets(tmp_path):
         assert len(t["y"]) == 1000 and len(c["y"]) == 500
         assert len(p["y"]) == int((t["y"] != 8).sum()) and (p["y"] != 8).all()
         assert (p["x"][:, 27:31, 27:31] == 255).all()
+
+
+def test_all_to_all_sample_row_triggers_every_image(tmp_path):
+    model = next(m for m in bench_models.bench_models(tmp_path / "none").models
+                 if m.name == "badnets_all2all_preact")
+    assert model.target is None and model.mode == "all-to-all"
+    sets = model.write_sets(tmp_path / "sets")
+    with np.load(sets.test) as t, np.load(sets.triggered) as p:
+        assert (p["y"] == t["y"]).all()  # every test image, its own label kept (ASR counts label + 1)
+        assert (p["x"][:, 29, 29] == 255).all() and (p["x"][:, 29, 30] == 0).all()  # the badnets checkerboard
 
 
 def test_card_preprocessing_and_stratified_pick():
