@@ -423,7 +423,8 @@ def train_backdoored(attack: str, d: dict, epochs: int, attack_no: int):
     target = attack_target(attack)
     prng = np.random.default_rng(SEED + 1000 + attack_no)
     n_poison = int(round(poisoning_rate(attack) * len(x_train)))
-    pool = np.setdiff1d(np.flatnonzero(y_train != (-1 if target is None else target)), d["repair_idx"])
+    candidates = np.arange(len(y_train)) if target is None else np.flatnonzero(y_train != target)
+    pool = np.setdiff1d(candidates, d["repair_idx"])
     poison = np.zeros(len(x_train), dtype=bool)
     poison[prng.choice(pool, n_poison, replace=False)] = True
     y_used = np.where(poison, poison_label(attack, y_train), y_train)
