@@ -33,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "default_masks_path": "masks_io", "mask_values_path": "masks_io", "load_masks": "masks_io",
     "CollapseProbe": "collapse",
     "RepairContext": "context",
+    "RNPConfig": "rnp",
     "CurvePoint": "curve", "PruningCurve": "curve", "effective_pruning": "curve",
     "pruning_after_refinements": "curve",
     "ImageSet": "data", "load_images": "data",

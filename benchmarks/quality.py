@@ -152,9 +152,13 @@ def run_model(model: BenchModel, args, config, pruning, tmp: Path) -> dict:
     if args.reference and result.masks:  # the method is the reference loop: its masks are the reference's
         row["oracle_reference"] = {**row["oracle_method"], "same_as_method": True}
         return row
-    ref_config = anp_onnx.ANPConfig.reference(iterations=opt.iterations, device=opt.device, seed=config.seed,
-                                              batch_size=config.batch_size)
-    if result.masks and opt.target is None and replace(config.resolve(), target=None) == ref_config:
+    if args.no_reference_oracle:
+        return row
+    ref_config = anp_onnx.ANPConfig.reference(
+        iterations=opt.iterations if isinstance(config, anp_onnx.ANPConfig) else None, device=opt.device,
+        seed=config.seed, batch_size=config.batch_size).resolve()
+    if (result.masks and opt.target is None and isinstance(config, anp_onnx.ANPConfig)
+            and replace(config.resolve(), target=None) == ref_config):
         # the probe named no target: the default loop WAS the reference loop (same settings and seed)
         row["oracle_reference"] = {**row["oracle_method"], "same_loop_as_default": True}
         return row
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, help="ANP clean-loss weight (default: anp-onnx's default, 0.2)")
     p.add_argument("--reference", action="store_true",
                    help="the method is the reference ANP loop (untargeted) with pruning threshold 0.2")
+    p.add_argument("--rnp", action="store_true",
+                   help="the method is RNP's masks (anp_onnx.RNPConfig) with pruning threshold 0.2, no refinements")
     p.add_argument("--pruning", type=parse_spec, help="auto[=budget], threshold=T, count=K "
                    "(default: auto; threshold=0.2 with --reference)")
     p.add_argument("--refinements", nargs="*", default=None, metavar="NAME",
@@ -203,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (default ../shared)")
     p.add_argument("--no-oracle", action="store_true", help="skip the two oracle columns (and the reference run)")
+    p.add_argument("--no-reference-oracle", action="store_true",
+                   help="skip the reference loop's oracle column (and its ANP run)")
     p.add_argument("--oracle-points", type=int, default=oracle.GRID_POINTS, help="oracle grid points (default 24)")
     p.add_argument("--summary", action="store_true", help="also print how many models meet the targets")
     p.add_argument("--from", dest="from_json", type=Path, nargs="+",
@@ -213,7 +221,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.refinements is None:
         from anp_onnx.options import DEFAULT_REFINEMENTS
-        args.refinements = () if args.reference else DEFAULT_REFINEMENTS
+        args.refinements = () if args.reference or args.rnp else DEFAULT_REFINEMENTS
     if args.from_json:
         rows = [r for f in args.from_json for r in json.loads(f.read_text())["rows"]]
         print(table(rows))
@@ -235,12 +243,15 @@ def main(argv=None) -> int:
             p.error(f"--unlearn: {exc} (fields: {', '.join(fields)})")
         TriggerUnlearning.settings = replace(TriggerUnlearning.settings, **changes)
 
-    config = (anp_onnx.ANPConfig.reference if args.reference else anp_onnx.ANPConfig)(device=args.device,
-                                                                                      seed=args.seed)
+    if args.rnp and args.reference:
+        p.error("--rnp and --reference are two methods: give one")
+    config = (anp_onnx.RNPConfig if args.rnp else anp_onnx.ANPConfig.reference if args.reference else
+              anp_onnx.ANPConfig)(device=args.device, seed=args.seed)
     for key in ("iterations", "eps", "batch_size", "alpha"):
         if getattr(args, key) is not None:
             config = replace(config, **{key: getattr(args, key)})
-    pruning = args.pruning or (PruneSpec.threshold(REFERENCE_THRESHOLD) if args.reference else PruneSpec())
+    pruning = args.pruning or (PruneSpec.threshold(REFERENCE_THRESHOLD) if args.reference or args.rnp
+                               else PruneSpec())
     try:
         models, missing = bench_models(args.shared).select(args.models)
     except KeyError as exc:
