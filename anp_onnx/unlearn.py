@@ -332,6 +332,7 @@ class TriggerUnlearning(Refinement):
                 metrics[f"holdout_acc_{r + 1}"] = acc if acc is not None else float("nan")
                 metrics[f"lr_{r + 1}"] = lr
             _restore(trainable, kept)
+            emit(progress, ProgressEvent(Stage.REFINE, s.rounds, s.rounds, {"rounds_kept": rounds}))
             metrics.update({"rounds": float(rounds), "weights": float(len(trainable)),
                             **{f"trigger_area_{i + 1}": t.area for i, t in enumerate(triggers)}})
             if rounds:

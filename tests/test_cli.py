@@ -626,8 +626,12 @@ def test_the_progress_bar_shows_the_unlearnings_scan_and_rounds(files, capsys) -
     rep = anp_onnx.Repairer.open(files["model"])
     bar = Bar(enabled=True)
     scan_targets(rep.ctx.net, rep.load_data(files["clean"]), [0, 1, 2], steps=2, progress=bar)
+    assert bar.bar is None  # the scan's bar closed when its last class finished: its time is its own
     bar(ProgressEvent(Stage.REFINE, 1, 3, {"round": 1}))  # as TriggerUnlearning.run emits each round
-    bar.close()
+    bar(ProgressEvent(Stage.REFINE, 3, 3, {"round": 3}))  # the last round starts: its bar stays open
+    assert bar.bar is not None
+    bar(ProgressEvent(Stage.REFINE, 3, 3, {"rounds_kept": 2}))  # the rounds are over
+    assert bar.bar is None
     err = capsys.readouterr().err
     assert "trigger scan" in err and "3/3" in err and "class" in err
-    assert "unlearning" in err and "1/3" in err and "round" in err
+    assert "unlearning" in err and "1/3" in err and "round" in err and "rounds_kept=2" in err

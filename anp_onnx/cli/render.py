@@ -24,7 +24,8 @@ class Bar:
     def __call__(self, event: ProgressEvent) -> None:
         stage = event.stage
         if stage == "refine":  # the unlearning's per-class scan, then its rounds (anp_onnx.unlearn)
-            stage += ":scan" if "scan_class" in event.metrics else ":round" if "round" in event.metrics else ""
+            stage += (":scan" if "scan_class" in event.metrics else
+                      ":round" if "round" in event.metrics or "rounds_kept" in event.metrics else "")
         if not self.enabled or stage not in self.UNITS:
             return
         if self.bar is None or stage != self.stage:
@@ -39,6 +40,10 @@ class Bar:
         self.bar.set_postfix({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in event.metrics.items()},
                              refresh=False)
         self.bar.refresh()
+        # a finished stage's bar closes now, so its time and rate are its own; a round's event marks its
+        # start, and the unlearning says when its rounds are over ("rounds_kept")
+        if event.total and event.step >= event.total and (stage != "refine:round" or "rounds_kept" in event.metrics):
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
